@@ -1,0 +1,46 @@
+// Quantized linear layer on the CPU: y = x @ dequant(W)^T + bias.
+//
+// One engine serves every format: weights are unsigned 8-bit lanes (int8 q ^ 0x80, or int4 nibbles) and
+// activations are signed int8 "digits", multiplied with VNNI (vpdpbusd) into int32 and rescaled in fp32
+// once per segment of K (a weight group, or a chunk for per-channel int8):
+//   * dynamic activations (W8A8, W4A8): one digit per element, per-row scale amax/127;
+//   * weight-only (W8, W4): activations kept as 21-bit fixed point per (row, segment) block: three base-128
+//     digits, so the result matches fp32 arithmetic to ~5e-7 of the block's max|x|.
+// Layouts are the package's packed formats (see python/kernswap/formats): int8 tiles of 16 rows x 4 k,
+// int4 tiles of 16 rows x 8 k with k and k+4 sharing a byte.
+#pragma once
+#include <cstdint>
+
+namespace kernswap {
+namespace cpu {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct QLinearArgs {
+  const void* x;        // [M, K] activations, row stride x_row_stride (elements)
+  DType x_dtype;
+  int64_t M, K, x_row_stride;
+  const uint8_t* packed;  // packed weights (int8 or int4 layout)
+  int bits;               // 8 or 4
+  int64_t group_size;     // int4: 32/64/128; int8: ignored (per output channel)
+  int64_t N;
+  const float* scale;     // [K/G, Np] (int8: [1, Np])
+  const uint8_t* zero;    // [K/G, Np] for asymmetric int4, else nullptr
+  const float* bias;      // [N] or nullptr
+  void* y;                // [M, N] output, row stride y_row_stride (elements)
+  DType y_dtype;
+  int64_t y_row_stride;
+  bool dynamic_act;
+  int num_threads;
+};
+
+// Entry point: picks the ISA implementation (active_isa()).
+void qlinear(const QLinearArgs& args);
+
+// Per-ISA implementations (each in its own translation unit).
+namespace scalar { void qlinear(const QLinearArgs& args); }
+namespace avx2 { void qlinear(const QLinearArgs& args); }
+namespace avx512 { void qlinear(const QLinearArgs& args); }
+
+}  // namespace cpu
+}  // namespace kernswap

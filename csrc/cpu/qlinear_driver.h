@@ -1,0 +1,36 @@
+// The engine's driver, shared by every ISA: activation preparation, then a static partition of
+// (weight block x row block) tasks over the threads. Each TU defines `compute_block` before including.
+#pragma once
+#include "cpu/qlinear_common.h"
+
+namespace kernswap {
+namespace cpu {
+namespace KS_ISA_NS {
+
+inline void run_qlinear(const QLinearArgs& a) {
+  const Plan p = make_plan(a);
+  if (p.M <= 0 || p.N <= 0) return;
+  static thread_local Acts scratch;  // per calling thread; reused across calls
+  Acts& acts = scratch;              // workers must see the caller's buffers, not their own thread_local
+  prepare_acts(p, a, acts);
+
+  // Weight block: about 1 MiB of packed weights (stays in L2 while the row blocks stream past it).
+  int64_t nb = std::max<int64_t>(1, std::min<int64_t>(32, (int64_t{1} << 20) / p.tile_bytes));
+  const int threads = std::max(1, a.num_threads);
+  while (nb > 1 && (p.ntiles + nb - 1) / nb < 2 * threads && p.M <= 64) nb /= 2;  // enough tasks to share
+  const int64_t mb = p.M <= 96 ? p.M : 64;
+  const int64_t ntb = (p.ntiles + nb - 1) / nb, nmb = (p.M + mb - 1) / mb;
+  parallel_for(ntb * nmb, threads, [&](int64_t b, int64_t e) {
+    for (int64_t id = b; id < e; ++id) {
+      const int64_t tb = id / nmb, mi = id % nmb;
+      const int64_t m0 = mi * mb, t0 = tb * nb;
+      compute_block(p, a, acts, m0, std::min(mb, p.M - m0), t0, std::min(nb, p.ntiles - t0));
+    }
+  });
+}
+
+void qlinear(const QLinearArgs& a) { run_qlinear(a); }
+
+}  // namespace KS_ISA_NS
+}  // namespace cpu
+}  // namespace kernswap
