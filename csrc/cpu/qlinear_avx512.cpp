@@ -11,6 +11,12 @@ namespace cpu {
 namespace avx512 {
 namespace {
 
+#define KS_UNROLL _Pragma("GCC unroll 32")
+
+// acc += u8(w) . s8(a) over 4-byte lanes, forced in place: GCC otherwise copies the accumulators around
+// the destructive vpdpbusd and spills them every iteration.
+inline void dpbusd(__m512i& acc, __m512i w, __m512i a) { __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a)); }
+
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -40,50 +46,67 @@ template <int BITS, int NDIG, int MR, int NT>
 void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, int64_t t0) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), low4 = _mm512_set1_epi8(0x0F);
   const uint8_t* wt[NT];
+  KS_UNROLL
   for (int t = 0; t < NT; ++t) wt[t] = a.packed + (t0 + t) * p.tile_bytes;
   const int8_t* ar[MR][NDIG];
+  KS_UNROLL
   for (int m = 0; m < MR; ++m)
+    KS_UNROLL
     for (int d = 0; d < NDIG; ++d) ar[m][d] = acts.row(p, m0 + m, d);
   __m512 out[MR][NT];
+  KS_UNROLL
   for (int m = 0; m < MR; ++m)
+    KS_UNROLL
     for (int t = 0; t < NT; ++t) out[m][t] = _mm512_setzero_ps();
 
   for (int64_t s = 0; s < p.nseg; ++s) {
     __m512i acc[NDIG][MR][NT];
+    KS_UNROLL
     for (int d = 0; d < NDIG; ++d)
+      KS_UNROLL
       for (int m = 0; m < MR; ++m)
+        KS_UNROLL
         for (int t = 0; t < NT; ++t) acc[d][m][t] = _mm512_setzero_si512();
     const int64_t kb = p.seg_begin(s), ke = p.seg_end(s);
-    if (BITS == 8) {
+    if constexpr (BITS == 8) {
       for (int64_t k = kb; k < ke; k += 4) {
         __m512i w[NT];
+        KS_UNROLL
         for (int t = 0; t < NT; ++t) w[t] = _mm512_xor_si512(_mm512_loadu_si512(wt[t] + k * 16), flip);
+        KS_UNROLL
         for (int m = 0; m < MR; ++m)
+          KS_UNROLL
           for (int d = 0; d < NDIG; ++d) {
             const __m512i av = bcast4(ar[m][d] + k);
-            for (int t = 0; t < NT; ++t) acc[d][m][t] = _mm512_dpbusd_epi32(acc[d][m][t], w[t], av);
+            KS_UNROLL
+            for (int t = 0; t < NT; ++t) dpbusd(acc[d][m][t], w[t], av);
           }
       }
     } else {
       for (int64_t k = kb; k < ke; k += 8) {
         __m512i lo[NT], hi[NT];
+        KS_UNROLL
         for (int t = 0; t < NT; ++t) {
           const __m512i raw = _mm512_loadu_si512(wt[t] + k * 8);
           lo[t] = _mm512_and_si512(raw, low4);
           hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         }
+        KS_UNROLL
         for (int m = 0; m < MR; ++m)
+          KS_UNROLL
           for (int d = 0; d < NDIG; ++d) {
             const __m512i a0 = bcast4(ar[m][d] + k), a1 = bcast4(ar[m][d] + k + 4);
+            KS_UNROLL
             for (int t = 0; t < NT; ++t) {
-              acc[d][m][t] = _mm512_dpbusd_epi32(acc[d][m][t], lo[t], a0);
-              acc[d][m][t] = _mm512_dpbusd_epi32(acc[d][m][t], hi[t], a1);
+              dpbusd(acc[d][m][t], lo[t], a0);
+              dpbusd(acc[d][m][t], hi[t], a1);
             }
           }
       }
     }
     // Flush: out += scale_w * scale_x * (sum_d 128^d acc_d - zero * sum(a)).
     const int64_t g = p.group_of(s);
+    KS_UNROLL
     for (int t = 0; t < NT; ++t) {
       const int64_t n0 = (t0 + t) * 16;
       const __m512 sw = _mm512_loadu_ps(a.scale + g * p.Np + n0);
@@ -95,8 +118,10 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
       } else {
         zf = _mm512_set1_ps(8.f);
       }
+      KS_UNROLL
       for (int m = 0; m < MR; ++m) {
         __m512 tv = _mm512_cvtepi32_ps(acc[NDIG - 1][m][t]);
+        KS_UNROLL
         for (int d = NDIG - 2; d >= 0; --d) tv = _mm512_fmadd_ps(tv, _mm512_set1_ps(128.f), _mm512_cvtepi32_ps(acc[d][m][t]));
         const int64_t i = (m0 + m) * p.nseg + s;
         tv = _mm512_fnmadd_ps(zf, _mm512_set1_ps(acts.asum[i]), tv);
@@ -104,7 +129,9 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
       }
     }
   }
+  KS_UNROLL
   for (int m = 0; m < MR; ++m)
+    KS_UNROLL
     for (int t = 0; t < NT; ++t) store16(a, m0 + m, (t0 + t) * 16, out[m][t]);
 }
 
