@@ -1,0 +1,21 @@
+"""kernswap: int8/int4 quantized matmul kernels for PyTorch (CPU C++, CUDA/Triton, pure-PyTorch reference)."""
+from . import formats, nn, ops
+from .backend import Backend
+from .config import QuantConfig
+from .diagnostics import info
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantConfig", "Backend", "info", "nn", "ops", "formats", "patch", "unpatch", "PatchReport",
+           "__version__"]
+
+_LAZY = ("patch", "unpatch", "PatchReport")
+
+
+def __getattr__(name):
+    # patching is imported lazily: it pulls in transformers-related code and must not break `import kernswap`
+    if name in _LAZY:
+        from . import patching
+
+        return getattr(patching, name)
+    raise AttributeError(f"module 'kernswap' has no attribute {name!r}")

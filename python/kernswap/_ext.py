@@ -1,0 +1,86 @@
+"""Loading of the compiled modules. Nothing here raises: a missing module is a reason string.
+
+Test override: KERNSWAP_NO_EXT=1 makes both modules count as missing (runs the reference fallbacks).
+
+``kernswap._C`` (CPU kernels, torch-free pybind11) and the optional ``kernswap._C_cuda``.
+"""
+import importlib
+import os
+from types import ModuleType
+from typing import List, Optional, Tuple
+
+__all__ = [
+    "get_C", "have_cpu_ext", "cpu_ext_reason", "cpu_isa", "supported_isas",
+    "get_C_cuda", "have_cuda_ext", "cuda_ext_reason", "reload",
+]
+
+_state = {}
+
+
+def _load(name: str) -> Tuple[Optional[ModuleType], str]:
+    if os.environ.get("KERNSWAP_NO_EXT", "0") not in ("", "0"):  # test override: exercise the fallback paths
+        return None, f"kernswap.{name} disabled by KERNSWAP_NO_EXT=1"
+    try:
+        mod = importlib.import_module(f"kernswap.{name}")
+    except ImportError as e:  # not built, or built for another python / ABI
+        return None, f"kernswap.{name} not importable ({type(e).__name__}: {e})"
+    except Exception as e:  # noqa: BLE001 - a broken build must not break `import kernswap`
+        return None, f"kernswap.{name} failed to load ({type(e).__name__}: {e})"
+    return mod, ""
+
+
+def _get(name: str) -> Tuple[Optional[ModuleType], str]:
+    if name not in _state:
+        _state[name] = _load(name)
+    return _state[name]
+
+
+def reload() -> None:
+    """Forget cached import results (e.g. after dev_build.sh produced the module)."""
+    _state.clear()
+
+
+def get_C() -> Optional[ModuleType]:
+    return _get("_C")[0]
+
+
+def have_cpu_ext() -> bool:
+    mod = get_C()
+    return mod is not None and hasattr(mod, "qlinear")
+
+
+def cpu_ext_reason() -> str:
+    """'' when the CPU module is usable, otherwise why not."""
+    mod, reason = _get("_C")
+    if mod is None:
+        return reason
+    if not hasattr(mod, "qlinear"):
+        return "kernswap._C has no 'qlinear' (stale build?)"
+    return ""
+
+
+def cpu_isa() -> Optional[str]:
+    """ISA the CPU module runs with ('avx512_vnni' | 'avx2' | 'scalar'), None without the module."""
+    mod = get_C()
+    if mod is None or not hasattr(mod, "cpu_isa"):
+        return None
+    return str(mod.cpu_isa())
+
+
+def supported_isas() -> List[str]:
+    mod = get_C()
+    if mod is None or not hasattr(mod, "supported_isas"):
+        return []
+    return [str(s) for s in mod.supported_isas()]
+
+
+def get_C_cuda() -> Optional[ModuleType]:
+    return _get("_C_cuda")[0]
+
+
+def have_cuda_ext() -> bool:
+    return get_C_cuda() is not None
+
+
+def cuda_ext_reason() -> str:
+    return _get("_C_cuda")[1]

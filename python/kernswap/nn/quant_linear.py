@@ -1,0 +1,147 @@
+"""QuantLinear: a drop-in nn.Linear replacement holding a packed quantized weight as buffers."""
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import QuantConfig
+from ..formats import QuantizedWeight, layout, quantize
+from ..ops.quantized_linear import quantized_linear
+
+__all__ = ["QuantLinear"]
+
+_FORMAT_VERSION = 1
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _format_meta(cfg: QuantConfig, in_features: int, out_features: int) -> torch.Tensor:
+    g = cfg.group_size if cfg.group_size is not None else 0
+    return torch.tensor([_FORMAT_VERSION, cfg.weight_bits, g, int(cfg.symmetric), int(cfg.dynamic_activations),
+                         in_features, out_features], dtype=torch.int64)
+
+
+def _describe_meta(meta) -> str:
+    v, bits, g, sym, dyn, k, n = [int(t) for t in meta]
+    return (f"weight_bits={bits}, group_size={g or None}, symmetric={bool(sym)}, dynamic_activations={bool(dyn)}, "
+            f"in_features={k}, out_features={n}")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W stored packed (int8 per channel or int4 group-wise; see kernswap.formats).
+
+    Buffers: ``packed`` (int8/uint8), ``scale`` (always fp32), ``zero`` (uint8, asymmetric int4 only),
+    ``qformat`` (int64 metadata checked on load). ``bias`` is a Parameter in the original Linear's dtype.
+    ``.to(dtype)`` casts the bias only; ``.to(device)`` moves everything without repacking.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: Union[QuantConfig, str, None] = None, device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        cfg = QuantConfig() if config is None else QuantConfig.from_any(config)
+        if cfg.weight_bits == 4 and in_features % cfg.group_size:
+            raise ValueError(f"QuantLinear: in_features must be divisible by group_size={cfg.group_size} for int4, "
+                             f"got in_features={in_features}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"QuantLinear: in_features and out_features must be > 0, "
+                             f"got in_features={in_features}, out_features={out_features}")
+        self.in_features, self.out_features, self.config = in_features, out_features, cfg
+        group = cfg.group_size if cfg.weight_bits == 4 else in_features
+        spec = layout(cfg.weight_bits, group, cfg.symmetric, out_features, in_features)
+        for name in ("packed", "scale", "zero"):
+            if spec[name] is None:
+                self.register_buffer(name, None)
+            else:
+                shape, dt = spec[name]
+                self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        self.register_buffer("qformat", _format_meta(cfg, in_features, out_features).to(device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(),
+                                                 device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Union[QuantConfig, str] = "int8") -> "QuantLinear":
+        """Quantize an nn.Linear (fp32/bf16/fp16 weight). The bias keeps its dtype; buffers stay on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        cfg = QuantConfig.from_any(config)
+        w = linear.weight
+        if w.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"QuantLinear.from_linear: linear.weight.dtype must be one of torch.float32, "
+                            f"torch.bfloat16, torch.float16, got {w.dtype}")
+        if w.device.type == "meta":
+            raise ValueError("QuantLinear.from_linear: linear.weight is on the meta device (no values to quantize)")
+        k, n = linear.in_features, linear.out_features
+        if cfg.weight_bits == 4 and k % cfg.group_size:
+            raise ValueError(f"QuantLinear.from_linear: in_features must be divisible by group_size="
+                             f"{cfg.group_size} for int4, got in_features={k}")
+        has_bias = linear.bias is not None
+        mod = cls(k, n, bias=has_bias, config=cfg, device=w.device,
+                  dtype=linear.bias.dtype if has_bias else w.dtype)
+        mod.load_quantized(quantize(w.detach(), cfg))
+        if has_bias:
+            with torch.no_grad():
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def load_quantized(self, qw: QuantizedWeight) -> None:
+        """Copy a QuantizedWeight (same format and sizes) into the buffers."""
+        if (qw.in_features, qw.out_features, qw.bits) != (self.in_features, self.out_features,
+                                                          self.config.weight_bits):
+            raise ValueError(f"QuantLinear.load_quantized: expected in_features={self.in_features}, out_features="
+                             f"{self.out_features}, bits={self.config.weight_bits}, got in_features="
+                             f"{qw.in_features}, out_features={qw.out_features}, bits={qw.bits}")
+        with torch.no_grad():
+            self.packed.copy_(qw.packed)
+            self.scale.copy_(qw.scale)
+            if self.zero is not None:
+                self.zero.copy_(qw.zero)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The buffers viewed as a QuantizedWeight (no copy)."""
+        cfg = self.config
+        return QuantizedWeight(packed=self.packed, scale=self.scale, zero=self.zero, bits=cfg.weight_bits,
+                               group_size=cfg.group_size if cfg.weight_bits == 4 else self.in_features,
+                               symmetric=cfg.symmetric, in_features=self.in_features,
+                               out_features=self.out_features, dynamic_activations=cfg.dynamic_activations)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """fp32 [out_features, in_features] weight this module represents."""
+        return self.qweight.dequantize()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.qweight, self.bias, backend=self.config.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.config.name}, backend={self.config.backend.value}")
+
+    # ------------------------------------------------------------------ torch plumbing
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to(dtype)/.half() cast floating buffers; ``scale`` must stay fp32. Move it as an int32 view so
+        ``fn`` changes only its device (bit-exact), never its dtype. Packed int buffers are never cast by .to()."""
+        scale = self._buffers.pop("scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if scale is not None:
+                scale = fn(scale.view(torch.int32)).view(torch.float32)
+            self._buffers["scale"] = scale
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        meta = state_dict.get(prefix + "qformat")
+        mine = self.qformat
+        if meta is not None and (tuple(meta.shape) != tuple(mine.shape) or not torch.equal(meta.cpu(), mine.cpu())):
+            got = _describe_meta(meta) if tuple(meta.shape) == tuple(mine.shape) else f"format {meta.tolist()}"
+            error_msgs.append(f"QuantLinear: state_dict format mismatch for '{prefix[:-1] or '<root>'}': this module "
+                              f"has {_describe_meta(mine)}, the state_dict has {got}; build the module with the "
+                              f"same QuantConfig and sizes")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

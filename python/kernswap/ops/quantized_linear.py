@@ -1,0 +1,202 @@
+"""quantized_linear: public functional API, the single torch op declaration, and the backend choice table.
+
+    kernswap.ops.quantized_linear(x, qweight, bias)      checks inputs, flattens to 2-D
+      -> torch.ops.kernswap.quantized_linear(...)         declared once here (schema + fake kernel)
+           "cpu"  kernel -> backends/cpu.py (kernswap._C) if available and supported, else reference
+           "cuda" kernel -> backends/cuda.py (M <= 16 decode) then backends/triton.py, else reference
+           default      -> reference (any other device)
+A caller can force a backend with ``backend=``; forcing one that is unavailable raises RuntimeError with
+the backend's own reason, one that cannot run these inputs raises NotImplementedError.
+"""
+import importlib
+from types import ModuleType
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from ..backend import Backend, normalize_backend
+from ..formats.base import QuantizedWeight
+from ..reference.quantized_linear import quantized_linear_ref
+
+__all__ = ["quantized_linear", "choose_backend", "get_backend_module", "backend_available", "auto_backend"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODULES = {"cpu": "kernswap.backends.cpu", "cuda": "kernswap.backends.cuda", "triton": "kernswap.backends.triton"}
+# Auto choice table: device type -> backends tried in order; the reference is the last resort everywhere.
+AUTO_TABLE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+# ------------------------------------------------------------------------------------------ backend table
+def get_backend_module(name: str) -> Tuple[Optional[ModuleType], str]:
+    """(module, "") or (None, reason). GPU backend modules are imported lazily (another file's owner)."""
+    try:
+        return importlib.import_module(_MODULES[name]), ""
+    except ImportError as e:
+        return None, f"{_MODULES[name]} not importable ({type(e).__name__}: {e})"
+    except Exception as e:  # noqa: BLE001 - a broken optional backend must not break the op
+        return None, f"{_MODULES[name]} failed to import ({type(e).__name__}: {e})"
+
+
+def backend_available(name: str) -> Tuple[bool, str]:
+    """(available, reason) for "cpu" | "cuda" | "triton" | "reference"."""
+    name = normalize_backend(name).value
+    if name == "reference":
+        return True, ""
+    if name == "auto":
+        raise ValueError("backend_available: name must be a concrete backend, got 'auto'")
+    mod, reason = get_backend_module(name)
+    if mod is None:
+        return False, reason
+    try:
+        ok, reason = mod.available()
+    except Exception as e:  # noqa: BLE001
+        return False, f"{name}.available() raised {type(e).__name__}: {e}"
+    return bool(ok), str(reason)
+
+
+def _supports(mod: ModuleType, x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -> bool:
+    try:
+        return bool(mod.supports(x2d, bits, group_size, dynamic_act))
+    except Exception:  # noqa: BLE001 - a backend that cannot tell does not support
+        return False
+
+
+def choose_backend(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool,
+                   requested: Union[str, Backend] = Backend.AUTO) -> Tuple[str, Optional[ModuleType], List[str]]:
+    """(backend name, module or None for the reference, reasons why earlier candidates were skipped)."""
+    req = normalize_backend(requested)
+    if req is Backend.REFERENCE:
+        return "reference", None, []
+    desc = (f"x of shape {list(x2d.shape)}, dtype {x2d.dtype}, device {x2d.device.type}, bits={bits}, "
+            f"group_size={group_size}, dynamic_act={dynamic_act}")
+    if req is not Backend.AUTO:
+        ok, reason = backend_available(req.value)
+        if not ok:
+            raise RuntimeError(f"quantized_linear: backend={req.value!r} is unavailable: {reason}")
+        mod, _ = get_backend_module(req.value)
+        if not _supports(mod, x2d, bits, group_size, dynamic_act):
+            raise NotImplementedError(f"quantized_linear: backend={req.value!r} does not support {desc}; "
+                                      f"use backend='auto' or 'reference'")
+        return req.value, mod, []
+    skipped = []
+    for name in AUTO_TABLE.get(x2d.device.type, ()):
+        ok, reason = backend_available(name)
+        if not ok:
+            skipped.append(f"{name}: {reason}")
+            continue
+        mod, _ = get_backend_module(name)
+        if _supports(mod, x2d, bits, group_size, dynamic_act):
+            return name, mod, skipped
+        skipped.append(f"{name}: does not support {desc}")
+    return "reference", None, skipped
+
+
+def auto_backend(device_type: str, bits: int, group_size: int, dynamic_act: bool, m: int = 1, k: int = 256,
+                 dtype: torch.dtype = torch.bfloat16) -> Tuple[str, List[str]]:
+    """Which backend `auto` picks for an (m, k) input on a device type (diagnostics); (name, skip reasons)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        reasons = []
+        for name in AUTO_TABLE["cuda"]:
+            ok, reason = backend_available(name)
+            reasons.append(f"{name}: {reason or 'no CUDA device visible to torch'}")
+        return "reference", reasons
+    x2d = torch.empty(m, k, dtype=dtype, device=device_type)
+    name, _, skipped = choose_backend(x2d, bits, group_size, dynamic_act, Backend.AUTO)
+    return name, skipped
+
+
+# ------------------------------------------------------------------------------------------ the op
+@torch.library.custom_op("kernswap::quantized_linear", mutates_args=())
+def _quantized_linear_op(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                         out_features: int, dynamic_act: bool, backend: str) -> torch.Tensor:
+    """Default implementation (devices without a kernel of their own): the reference, unless forced."""
+    return _run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend)
+
+
+def _run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend):
+    args = (x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act)
+    _, mod, _ = choose_backend(x2d, bits, group_size, dynamic_act, backend)
+    if mod is None:
+        return quantized_linear_ref(*args)
+    if x2d.shape[0] == 0:
+        return x2d.new_empty(0, out_features)
+    return mod.quantized_linear(*args)
+
+
+@_quantized_linear_op.register_fake
+def _quantized_linear_fake(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features,
+                           dynamic_act, backend):
+    return x2d.new_empty(x2d.shape[0], out_features)
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, _ = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.meta = (bits, group_size, in_features, out_features, dynamic_act, x2d.dtype, bias is not None and
+                bias.requires_grad)
+
+
+def _backward(ctx, grad):
+    """dL/dx = grad @ W (dequantized; straight-through for the A8 rounding), dL/dbias = sum over rows.
+    The quantized weight itself gets no gradient (it is not differentiable)."""
+    packed, scale, zero = ctx.saved_tensors
+    bits, group_size, k, n, dyn, x_dtype, bias_grad = ctx.meta
+    gx = None
+    if ctx.needs_input_grad[0]:
+        qw = QuantizedWeight(packed, scale, zero, bits, group_size, zero is None, k, n, dyn)
+        gx = (grad.to(torch.float32) @ qw.dequantize()).to(x_dtype)
+    gb = grad.sum(dim=0) if bias_grad else None
+    return gx, None, None, None, gb, None, None, None, None, None, None
+
+
+_quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Per-device kernels: the choice table above (AUTO_TABLE) decides, with the reference as the fallback.
+_quantized_linear_op.register_kernel("cpu")(_run)
+_quantized_linear_op.register_kernel("cuda")(_run)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _check_tensor_device(name: str, t: Optional[torch.Tensor], device: torch.device) -> None:
+    if t is not None and t.device != device:
+        raise ValueError(f"quantized_linear: {name} must be on the same device as x ({device}), got {t.device}")
+
+
+def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None, *,
+                     backend: Optional[Union[str, Backend]] = None) -> torch.Tensor:
+    """y = x @ W^T + bias with a packed quantized weight W [N, K].
+
+    x: (..., K) fp32/bf16/fp16 (a non-contiguous x is copied to a contiguous one); returns (..., N) in x.dtype.
+    With ``qweight.dynamic_activations`` the rows of x are quantized to int8 on the fly (W8A8 / W4A8).
+    backend: None/"auto" (fastest available) | "cpu" | "cuda" | "triton" | "reference".
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantized_linear: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"quantized_linear: qweight must be a kernswap.formats.QuantizedWeight, "
+                        f"got {type(qweight).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantized_linear: x.dtype must be one of torch.float32, torch.bfloat16, torch.float16, "
+                        f"got {x.dtype}")
+    k, n = qweight.in_features, qweight.out_features
+    if x.dim() == 0 or x.shape[-1] != k:
+        got = "a 0-d tensor" if x.dim() == 0 else x.shape[-1]
+        raise ValueError(f"quantized_linear: x.shape[-1] must equal in_features={k}, got {got}")
+    for name in ("packed", "scale", "zero"):
+        _check_tensor_device(f"qweight.{name}", getattr(qweight, name), x.device)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"quantized_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"quantized_linear: bias must have shape [out_features={n}], got {list(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"quantized_linear: bias must be floating point, got {bias.dtype}")
+        _check_tensor_device("bias", bias, x.device)
+    req = normalize_backend(backend, "quantized_linear: backend")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k).contiguous()
+    y = torch.ops.kernswap.quantized_linear(
+        x2d, qweight.packed, qweight.scale, qweight.zero, bias, qweight.bits, qweight.group_size, k, n,
+        qweight.dynamic_activations, req.value)
+    return y.reshape(*lead, n)

@@ -1,0 +1,219 @@
+"""kernswap.patch / kernswap.unpatch: the engine that runs rules, keeps undo records, and rolls back."""
+import dataclasses
+import json
+import time
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..backend import Backend, normalize_backend
+from ..config import QuantConfig
+from .families import FamilySpec, get_family
+from .report import PatchReport, module_memory
+from .rules import ModuleSwap, Plan, QuantLinearRule, unsupported_rule
+
+__all__ = ["patch", "unpatch", "is_patched", "patch_state", "PatchState", "PLAN_BUFFER", "STATE_ATTR"]
+
+STATE_ATTR = "_kernswap_patch"  # instance attribute holding the PatchState
+PLAN_BUFFER = "kernswap_plan"  # uint8 JSON buffer on the root module: the plan travels in the state dict
+PLAN_VERSION = 1
+
+
+@dataclasses.dataclass
+class _PlanBuffer:
+    """Undo record for the plan buffer registered on the root module."""
+
+    module: nn.Module
+    name: str
+
+    def undo(self) -> None:
+        self.module._buffers.pop(self.name, None)
+
+
+@dataclasses.dataclass
+class PatchState:
+    request: Dict[str, Any]
+    records: List[Any]  # ModuleSwap / _PlanBuffer, in the order they were applied
+    report: PatchReport
+    plan: Dict[str, Any]  # JSON-able: what load_quantized needs to rebuild the skeleton
+    restorable: bool  # False when the originals were dropped (keep_originals=False) or never existed (loaded)
+
+
+def patch_state(model: nn.Module) -> Optional[PatchState]:
+    return model.__dict__.get(STATE_ATTR)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return patch_state(model) is not None
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _resolve_quant(quant, backend) -> Optional[QuantConfig]:
+    backend = normalize_backend(backend, "kernswap.patch: backend")
+    if quant is None:
+        return None
+    cfg = QuantConfig.from_any(quant)
+    if backend != Backend.AUTO and cfg.backend != backend:
+        cfg = dataclasses.replace(cfg, backend=backend)
+    return cfg
+
+
+def config_to_json(cfg: QuantConfig) -> Dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["backend"] = str(cfg.backend.value if isinstance(cfg.backend, Backend) else cfg.backend)
+    return d
+
+
+def _output_head_name(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - models without a head raise in various ways
+        return None
+    if isinstance(head, nn.Module):
+        for name, mod in model.named_modules():
+            if mod is head:
+                return name
+    return None
+
+
+def _skip_patterns(skip, family: FamilySpec, model: nn.Module) -> tuple:
+    if skip is None:  # the family default, plus the model's output head whatever its name
+        head = _output_head_name(model)
+        return tuple(family.skip) + ((head,) if head and head not in family.skip else ())
+    if isinstance(skip, str):
+        return (skip,)
+    if not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"kernswap.patch: skip must be None or a sequence of name patterns (str), got {skip!r}")
+    return tuple(skip)
+
+
+def patch(
+    model: nn.Module,
+    quant: Union[None, str, QuantConfig] = None,
+    attention: Any = None,
+    moe: Any = None,
+    backend: Union[str, Backend] = "auto",
+    skip: Optional[Sequence[str]] = None,
+    progress: bool = True,
+    keep_originals: bool = True,
+) -> PatchReport:
+    """Patch ``model`` in place and return a :class:`PatchReport`.
+
+    quant: None | "int8" | "int4" | "w8a8" | "w4a8" | QuantConfig -- swap nn.Linear for QuantLinear.
+    attention / moe: reserved for the sparse-attention and fused-MoE swaps (NotImplementedError for now).
+    backend: forced into the QuantConfig when not "auto".
+    skip: Linear-name glob patterns left unquantized. None = the family default (``lm_head``, MoE
+      routers/gates); an explicit sequence *replaces* the default (``skip=()`` quantizes ``lm_head`` too,
+      unless its weight is tied to the embeddings).
+    progress: tqdm progress bar while swapping. keep_originals: keep the original modules so
+      :func:`unpatch` can restore them (False frees their memory; unpatch then raises).
+
+    Only this instance changes (child modules are replaced through their parent). Any exception part-way
+    restores every module already swapped, then re-raises. Patching an already patched model with the same
+    arguments is a no-op that returns the first report; with different arguments it raises RuntimeError.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"kernswap.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if attention is not None:
+        raise unsupported_rule("attention", attention)
+    if moe is not None:
+        raise unsupported_rule("moe", moe)
+    cfg = _resolve_quant(quant, backend)
+    family = get_family(_model_type(model))
+    request = {"quant": cfg, "attention": attention, "moe": moe, "skip": _skip_patterns(skip, family, model)}
+
+    state = patch_state(model)
+    if state is not None:
+        if state.request == request:
+            return state.report
+        raise RuntimeError(
+            "kernswap.patch: this model is already patched "
+            f"(quant={_name(state.request['quant'])}, skip={state.request['skip']}); requested "
+            f"quant={_name(cfg)}, skip={request['skip']}. Call kernswap.unpatch(model) first: kernswap "
+            "never quantizes a quantized model again.")
+
+    rules = []
+    if cfg is not None:
+        rules.append(QuantLinearRule(cfg, request["skip"]))
+    return apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals)
+
+
+def _name(cfg: Optional[QuantConfig]) -> str:
+    return "None" if cfg is None else cfg.name
+
+
+def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: FamilySpec, *,
+                progress: bool = True, keep_originals: bool = True, restorable: bool = True,
+                desc: str = "kernswap: quantizing") -> PatchReport:
+    """Plan every rule, run the actions under one rollback scope, and record the state on ``model``."""
+    t0 = time.perf_counter()
+    plan = Plan()
+    for rule in rules:
+        plan.extend(rule.plan(model, family))
+    report = PatchReport(
+        model_type=_model_type(model), family=family.name,
+        requested={"quant": _name(request.get("quant")), "attention": str(request.get("attention")),
+                   "moe": str(request.get("moe"))},
+        notes=list(family.notes) + plan.notes,
+    )
+    report.memory_before = module_memory(model)
+    records: List[Any] = []
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(plan.actions, desc=desc, unit="layer", disable=not progress or not plan.actions, leave=False)
+        for action in bar:
+            records.extend(action.run())
+            report.swapped.append((action.name, action.role, action.kind))
+        plan_json = make_plan_json(model, request, report)
+        if report.swapped:
+            data = torch.frombuffer(bytearray(json.dumps(plan_json).encode()), dtype=torch.uint8).clone()
+            model.register_buffer(PLAN_BUFFER, data, persistent=True)
+            records.append(_PlanBuffer(model, PLAN_BUFFER))
+    except BaseException:
+        for rec in reversed(records):
+            rec.undo()
+        raise
+    report.skipped = [(s.name, s.reason) for s in plan.skipped]
+    report.memory_after = module_memory(model)
+    report.seconds = time.perf_counter() - t0
+    if report.swapped and keep_originals and restorable:
+        report.notes.append("original modules are kept for kernswap.unpatch(model); "
+                            "pass keep_originals=False to free them")
+    if not keep_originals:
+        for rec in records:
+            if isinstance(rec, ModuleSwap):
+                rec.original = None
+    model.__dict__[STATE_ATTR] = PatchState(request=request, records=records, report=report, plan=plan_json,
+                                            restorable=restorable and keep_originals)
+    return report
+
+
+def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchReport) -> Dict[str, Any]:
+    cfg = request.get("quant")
+    return {
+        "format": "kernswap.patch", "version": PLAN_VERSION, "model_type": _model_type(model),
+        "quant": None if cfg is None else config_to_json(cfg),
+        "skip": list(request.get("skip") or ()),
+        "quantized": [name for name, _, kind in report.swapped if "QuantLinear" in kind],
+    }
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original modules (the very same objects) on a model patched by :func:`patch`."""
+    state = patch_state(model)
+    if state is None:
+        raise ValueError("kernswap.unpatch: this model is not patched by kernswap (nothing to restore)")
+    if not state.restorable:
+        raise RuntimeError(
+            "kernswap.unpatch: the original modules of this model are not available (it was patched with "
+            "keep_originals=False or loaded from a quantized checkpoint); reload the original model instead")
+    for rec in reversed(state.records):
+        rec.undo()
+    del model.__dict__[STATE_ATTR]
+    return model

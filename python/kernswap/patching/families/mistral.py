@@ -1,0 +1,5 @@
+"""Mistral: dense decoder (q/k/v/o_proj attention, gate/up/down_proj MLP)."""
+from . import FamilySpec, register
+from ._common import ATTENTION, DENSE_SKIP, MLP
+
+SPEC = register(FamilySpec(name="mistral", model_types=("mistral",), attention=ATTENTION, mlp=MLP, skip=DENSE_SKIP))
