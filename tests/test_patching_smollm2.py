@@ -37,12 +37,17 @@ def test_int8_perplexity_close(smollm2):
     assert _ppl(model, ids) == base  # unpatch is exact
 
 
-def test_int4_g128_skips_k576_layers(smollm2):
+def test_int4_g128_uses_finer_groups_for_k576_layers(smollm2):
     model, _ = smollm2
     report = kernswap.patch(model, quant="int4", progress=False)
     try:
-        # hidden_size 576 is not a multiple of 128: only down_proj (K=1536) takes int4 g128
-        assert report.num_swapped == 30
-        assert any("in_features=576 is not divisible by group_size=128" in r for r in report.skipped_by_reason)
+        # hidden_size 576 is not a multiple of 128: those 180 layers take group 64, down_proj (K=1536) group 128
+        assert report.num_swapped == 210
+        assert any("in_features=576" in n and "group_size=64" in n for n in report.notes), report.notes
+        layer = model.model.layers[0]
+        assert layer.self_attn.q_proj.qweight.group_size == 64
+        assert layer.mlp.down_proj.qweight.group_size == 128
+        kinds = {kind: n for (_, kind), n in report.counts.items()}
+        assert kinds.get("Linear -> QuantLinear[int4-g64]") and kinds.get("Linear -> QuantLinear[int4-g128]")
     finally:
         kernswap.unpatch(model)

@@ -14,7 +14,8 @@ from torch import nn
 
 from .families import FamilySpec, match_any
 
-__all__ = ["ModuleSwap", "Action", "Skip", "Plan", "QuantLinearRule", "check_quantizable", "unsupported_rule"]
+__all__ = ["ModuleSwap", "Action", "Skip", "Plan", "QuantLinearRule", "check_quantizable", "layer_config",
+           "unsupported_rule"]
 
 
 @dataclasses.dataclass
@@ -72,9 +73,21 @@ def check_quantizable(linear: nn.Linear, config) -> Optional[str]:
         return "weight is on the meta device (offloaded or not materialized)"
     if not w.dtype.is_floating_point:
         return f"weight dtype {w.dtype} is not floating point"
-    if config.weight_bits == 4 and k % config.group_size != 0:
-        return (f"in_features={k} is not divisible by group_size={config.group_size} "
-                f"({config.name} needs K % group_size == 0)")
+    if config.weight_bits == 4 and layer_config(k, config) is None:
+        return (f"in_features={k} is not divisible by group_size={config.group_size} nor by any smaller "
+                f"int4 group size ({config.name} needs K % group_size == 0)")
+    return None
+
+
+def layer_config(k: int, config):
+    """The config one Linear with in_features=k gets: ``config`` itself, or for int4 when k is not a multiple of
+    its group size, the same config with the largest smaller group size (64, 32) that divides k (a finer group
+    is never less accurate); None when no int4 group size divides k."""
+    if config.weight_bits != 4 or k % config.group_size == 0:
+        return config
+    for g in (64, 32):
+        if g < config.group_size and k % g == 0:
+            return dataclasses.replace(config, group_size=g)
     return None
 
 
@@ -114,10 +127,11 @@ class QuantLinearRule:
 
     def _make(self, linear: nn.Linear) -> nn.Module:
         QL = _quant_linear_cls()
+        config = layer_config(linear.in_features, self.config)
         if not self.empty:
-            return QL.from_linear(linear, self.config)
+            return QL.from_linear(linear, config)
         with torch.device(linear.weight.device if linear.weight.device.type != "meta" else "cpu"):
-            q = QL(linear.in_features, linear.out_features, bias=linear.bias is not None, config=self.config)
+            q = QL(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config)
         if linear.bias is not None and getattr(q, "bias", None) is not None and q.bias.dtype != linear.bias.dtype:
             q.bias.data = q.bias.data.to(linear.bias.dtype)
         return q
@@ -137,6 +151,7 @@ class QuantLinearRule:
 
         seen = set()
         unhandled: Dict[str, List[str]] = defaultdict(list)
+        finer: Dict[Tuple[int, int], int] = defaultdict(int)
         for name, mod in model.named_modules():
             if id(mod) in seen or mod is model:
                 continue
@@ -156,11 +171,17 @@ class QuantLinearRule:
             if reason is not None:
                 plan.skipped.append(Skip(name, reason))
                 continue
+            cfg = layer_config(mod.in_features, self.config)
+            if cfg is not self.config:
+                finer[(mod.in_features, cfg.group_size)] += 1
             plan.actions.append(Action(
                 name=name, role=_block_role(model, family, name),
-                kind=f"Linear -> QuantLinear[{self.config.name}]",
+                kind=f"Linear -> QuantLinear[{cfg.name}]",
                 run=self._runner(mod, holders[id(mod)]),
             ))
+        for (k, g), count in sorted(finer.items()):
+            plan.notes.append(f"{count} Linear layer(s) with in_features={k} (not a multiple of "
+                              f"group_size={self.config.group_size}) use group_size={g}")
         for reason, names in unhandled.items():
             for n in names:
                 plan.skipped.append(Skip(n, reason))
