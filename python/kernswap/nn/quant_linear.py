@@ -101,12 +101,18 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The buffers viewed as a QuantizedWeight (no copy)."""
+        """The buffers viewed as a QuantizedWeight (no copy; rebuilt only when a buffer object changes)."""
+        key = (id(self.packed), id(self.scale), id(self.zero))
+        cached = self.__dict__.get("_qweight_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         cfg = self.config
-        return QuantizedWeight(packed=self.packed, scale=self.scale, zero=self.zero, bits=cfg.weight_bits,
+        qw = QuantizedWeight(packed=self.packed, scale=self.scale, zero=self.zero, bits=cfg.weight_bits,
                                group_size=cfg.group_size if cfg.weight_bits == 4 else self.in_features,
                                symmetric=cfg.symmetric, in_features=self.in_features,
                                out_features=self.out_features, dynamic_activations=cfg.dynamic_activations)
+        self.__dict__["_qweight_cache"] = (key, qw)
+        return qw
 
     def dequantize_weight(self) -> torch.Tensor:
         """fp32 [out_features, in_features] weight this module represents."""

@@ -1,0 +1,240 @@
+"""End to end (issue 3): SmolLM2-135M patched with kernswap, quality and speed against the unpatched model.
+
+    python bench/bench_e2e.py            # the full measurement (~15-25 min on the 2-core reference CPU)
+    python bench/bench_e2e.py --quick    # smoke run: 1 window of 128 tokens, 8 new tokens (numbers meaningless)
+    python bench/run.py --only e2e       # the same suite through the shared runner
+
+Quality: perplexity on the first 8,192 tokens of gensim's lee_background.cor in 512-token windows, and the
+mean KL(fp32 || variant) of next-token distributions, for fp32, int8, w8a8, int4 (g128 sym), w4a8 (g128) and
+int4-g64 (SmolLM2's hidden size 576 is not a multiple of 128, so g128 can only take down_proj: g64 shows
+int4 on every layer). Speed: prefill time for 512 tokens and decode tokens/s (batch 1, 128 new tokens,
+greedy, fixed count) for the unpatched fp32 and bf16 models and each patched variant, in the same run;
+parameter (+buffer) memory. Writes bench/results/e2e-smollm2-<machine>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import kernswap  # noqa: F401
+except ImportError:
+    sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
+import harness as H  # noqa: E402
+
+NAME = "e2e"
+VARIANTS: Dict[str, Any] = {  # name -> patch(quant=...) argument (None: the unpatched model)
+    "fp32": None, "bf16": None, "int8": "int8", "w8a8": "w8a8", "int4": "int4", "w4a8": "w4a8",
+    "int4-g64": ("int4", 64),
+}
+QUALITY = ("fp32", "int8", "w8a8", "int4", "w4a8", "int4-g64")  # bf16 is a speed baseline only
+
+
+def _settings(quick: bool) -> Dict[str, int]:
+    if quick:
+        return dict(tokens=128, window=128, prefill=128, prompt=16, new_tokens=8, repeats=1)
+    return dict(tokens=8192, window=512, prefill=512, prompt=32, new_tokens=128, repeats=3)
+
+
+def _quant_arg(spec):
+    import kernswap
+
+    if isinstance(spec, tuple):
+        return kernswap.QuantConfig(weight_bits=4, group_size=spec[1])
+    return spec
+
+
+def build_variants(base) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
+    """name -> model (patched copies of ``base``; originals dropped), name -> info (memory, swapped)."""
+    import kernswap
+    from kernswap.patching.report import module_memory
+
+    models, info = {}, {}
+    for name, spec in VARIANTS.items():
+        if name == "fp32":
+            m, rep = base, None
+        elif name == "bf16":
+            m, rep = copy.deepcopy(base).to(torch.bfloat16), None
+        else:
+            m = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            rep = kernswap.patch(m, quant=_quant_arg(spec), progress=False, keep_originals=False)
+            print(f"[e2e] patched {name}: {rep.num_swapped} layers in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr)
+        models[name] = m.eval()
+        info[name] = {"param_mib": module_memory(m) / 2**20, "swapped": rep.num_swapped if rep else 0,
+                      "skipped_linear": sum(1 for _, r in rep.skipped if "divisible" in r) if rep else 0}
+    return models, info
+
+
+@torch.no_grad()
+def quality(models: Dict[str, Any], ids: torch.Tensor, window: int) -> Dict[str, Dict[str, float]]:
+    """Perplexity per variant and mean KL(fp32 || variant) over all predicted positions."""
+    nll = {n: 0.0 for n in QUALITY}
+    kl = {n: 0.0 for n in QUALITY}
+    count = 0
+    for start in range(0, ids.shape[1] - window + 1, window):
+        x = ids[:, start:start + window]
+        target = x[:, 1:]
+        ref = None
+        for n in QUALITY:
+            logp = F.log_softmax(models[n](x, use_cache=False).logits[:, :-1].float(), dim=-1)
+            nll[n] += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+            if ref is None:
+                ref = logp
+            kl[n] += (ref.exp() * (ref - logp)).sum(-1).sum().item()
+        count += target.numel()
+        print(f"[e2e] quality: {start + window}/{ids.shape[1]} tokens", file=sys.stderr)
+    return {n: {"ppl": math.exp(nll[n] / count), "kl": kl[n] / count, "tokens": count} for n in QUALITY}
+
+
+@torch.no_grad()
+def speed(model, ids: torch.Tensor, s: Dict[str, int]) -> Dict[str, float]:
+    x = ids[:, :s["prefill"]]
+    model(x[:, :16])  # warm-up
+    times = []
+    for _ in range(s["repeats"]):
+        t0 = time.perf_counter()
+        model(x, use_cache=True)
+        times.append(time.perf_counter() - t0)
+    prompt = ids[:, :s["prompt"]]
+    n = s["new_tokens"]
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+    model.generate(prompt, **dict(kw, max_new_tokens=2, min_new_tokens=2))  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(prompt, **kw)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == prompt.shape[1] + n, out.shape
+    return {"prefill_s": sorted(times)[len(times) // 2], "decode_tps": n / dt}
+
+
+def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    from kernswap.testing import SkipReason, lee_corpus_text, load_smollm2, load_smollm2_tokenizer
+
+    torch.set_num_threads(ctx.threads)
+    s = _settings(ctx.quick)
+    try:
+        base = load_smollm2()
+        ids = load_smollm2_tokenizer()(lee_corpus_text(), return_tensors="pt").input_ids[:, :s["tokens"]]
+    except SkipReason as e:
+        print(f"[e2e] skipped: {e}")
+        return [], [{"target": "e2e", "detail": str(e), "value": None, "need": 0, "unit": "x", "status": "n/a"}]
+    models, info = build_variants(base)
+    q = quality(models, ids, s["window"])
+    rows = []
+    for name, m in models.items():
+        sp = speed(m, ids, s)
+        print(f"[e2e] speed {name}: prefill {sp['prefill_s']:.3f} s, decode {sp['decode_tps']:.1f} tok/s",
+              file=sys.stderr)
+        row = {"op": "e2e", "model": "SmolLM2-135M-Instruct", "variant": name, **info[name], **sp,
+               **({k: q[name][k] for k in ("ppl", "kl")} if name in q else {}),
+               "tokens": q["fp32"]["tokens"], "window": s["window"], "new_tokens": s["new_tokens"],
+               "threads": ctx.threads, "device": ctx.meta.get("device", {}).get("cpu")}
+        rows.append(row)
+    fp = rows[0]
+    for r in rows:
+        if "ppl" in r:
+            r["dppl_pct"] = 100 * (r["ppl"] - fp["ppl"]) / fp["ppl"]
+        r["prefill_speedup"] = fp["prefill_s"] / r["prefill_s"]
+        r["decode_speedup"] = r["decode_tps"] / fp["decode_tps"]
+    return rows, targets(rows)
+
+
+def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    by = {r["variant"]: r for r in rows}
+
+    def at_most(name, variant, need_pct):
+        v = by.get(variant, {}).get("dppl_pct")
+        st = "n/a" if v is None else ("PASS" if v <= need_pct else "MISS")
+        return {"target": name, "detail": f"{variant} delta ppl <= {need_pct}%", "value": None if v is None
+                else v / 100, "need": need_pct / 100, "unit": "%", "status": st}
+
+    def speedup(name, variant, key, need):
+        return H.target(name, by.get(variant, {}).get(key), need, f"{variant} vs fp32")
+
+    return [at_most("int8 quality", "int8", 0.3), at_most("w8a8 quality", "w8a8", 1.5),
+            speedup("int4 decode", "int4", "decode_speedup", 2.0),
+            speedup("int4-g64 decode", "int4-g64", "decode_speedup", 2.0),
+            speedup("int8 decode", "int8", "decode_speedup", 1.5),
+            speedup("w8a8 prefill", "w8a8", "prefill_speedup", 2.0)]
+
+
+def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: Any = None) -> None:
+    file = file or sys.stdout
+    if rows:
+        r0 = rows[0]
+        print(f"\nSmolLM2-135M end to end: ppl over {r0['tokens']} predicted tokens ({r0['window']}-token windows), "
+              f"prefill {r0['window']} tokens, decode {r0['new_tokens']} new tokens, {r0['threads']} threads",
+              file=file)
+        head = ("variant", "ppl", "d ppl", "KL", "prefill s", "x fp32", "decode tok/s", "x fp32", "MiB", "layers")
+        lines = [head]
+        for r in rows:
+            lines.append((r["variant"], _f(r.get("ppl"), ".3f"), _f(r.get("dppl_pct"), "+.2f", "%"),
+                          _f(r.get("kl"), ".5f"), _f(r["prefill_s"], ".3f"), _f(r["prefill_speedup"], ".2f", "x"),
+                          _f(r["decode_tps"], ".1f"), _f(r["decode_speedup"], ".2f", "x"),
+                          _f(r["param_mib"], ".0f"), str(r["swapped"])))
+        w = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        for j, line in enumerate(lines):
+            print("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(line)), file=file)
+            if j == 0:
+                print("  ".join("-" * x for x in w), file=file)
+    for t in tgts:  # delta-ppl targets are "at most": print them in their own words
+        if t["unit"] == "%" and t["value"] is not None:
+            print(f"  {t['status']:<4}  {t['target']}: {t['value'] * 100:+.2f}% (need <= {t['need'] * 100:g}%)",
+                  file=file)
+    H.print_targets([t for t in tgts if t["unit"] != "%"], file=file)
+
+
+def _f(v, spec, suffix="") -> str:
+    return "-" if v is None else format(v, spec) + suffix
+
+
+def self_check() -> None:
+    """Seconds: the quality/speed code on a tiny random Llama (no real weights needed)."""
+    import kernswap
+    from kernswap.testing.tiny import tiny_model
+
+    base = tiny_model("llama")
+    patched = copy.deepcopy(base)
+    kernswap.patch(patched, quant="int8", progress=False)
+    ids = torch.randint(3, 256, (1, 64))
+    q = quality({n: (patched if n != "fp32" else base) for n in QUALITY}, ids, 32)
+    assert q["fp32"]["kl"] == 0 and q["int8"]["kl"] >= 0 and q["int8"]["ppl"] > 1
+    sp = speed(patched, ids, dict(prefill=32, prompt=4, new_tokens=4, repeats=1))
+    assert sp["decode_tps"] > 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run in about a minute (numbers meaningless)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="results folder (default bench/results; --quick: a temp folder)")
+    p.add_argument("--no-write", action="store_true")
+    a = p.parse_args(argv)
+    ctx = H.make_context(threads=a.threads, quick=a.quick)
+    t0 = time.perf_counter()
+    rows, tgts = run(ctx)
+    print_results(rows, tgts)
+    if rows and not a.no_write:
+        import tempfile
+
+        out = a.out or (os.path.join(tempfile.gettempdir(), "kernswap-bench-quick") if a.quick
+                        else os.path.join(HERE, "results"))
+        path = os.path.join(out, f"e2e-smollm2-{H.machine_name(ctx)}.json")
+        H.write_json(path, ctx, rows, tgts, NAME, time.perf_counter() - t0)
+        print(f"wrote {os.path.relpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
