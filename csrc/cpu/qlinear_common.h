@@ -101,28 +101,37 @@ inline void load_row(const void* xrow, DType t, int64_t K, float* out) {
   }
 }
 
+// max |v| over n values, NaN if any value is NaN or +-Inf. Works on the bit patterns (|x| orders like its
+// bits as an unsigned integer), so the loop vectorises without fast-math.
 inline float abs_max(const float* v, int64_t n) {
-  float m = 0.f;
-  bool finite = true;
+  uint32_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float a = std::fabs(v[i]);
-    finite &= (a <= FLT_MAX);
-    m = a > m ? a : m;
+    uint32_t u;
+    std::memcpy(&u, v + i, 4);
+    u &= 0x7fffffffu;
+    m = u > m ? u : m;
   }
-  return finite ? m : NAN;
+  if (m > 0x7f7fffffu) return NAN;
+  float f;
+  std::memcpy(&f, &m, 4);
+  return f;
 }
 
 // Quantizes v[0, n) with `inv` (fixed-point units per unit of x), clamps to +-lim, writes digits and
-// returns the sum of the fixed-point values. ndig == 1: plain int8. ndig == 3: base-128 digits.
-inline int64_t quantize_span(const float* v, int64_t n, float inv, int32_t lim, int ndig, int8_t* d0, int8_t* d1,
-                             int8_t* d2) {
-  int64_t sum = 0;
+// returns the sum of the fixed-point values. NDIG == 1: plain int8. NDIG == 3: base-128 digits.
+// Written as straight-line loops the compiler vectorises: round-half-even through the 1.5 * 2^23 trick
+// (exact for |r| < 2^22), int32 sums (|sum| < 2^31 for every segment length used).
+template <int NDIG>
+inline int32_t quantize_span(const float* v, int64_t n, float inv, int32_t lim, int8_t* d0, int8_t* d1, int8_t* d2) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float flim = static_cast<float>(lim);
+  int32_t sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    float r = __builtin_rintf(v[i] * inv);
-    r = std::min(std::max(r, -static_cast<float>(lim)), static_cast<float>(lim));
-    const int32_t a = static_cast<int32_t>(r);
+    float r = v[i] * inv;
+    r = r < -flim ? -flim : (r > flim ? flim : r);
+    const int32_t a = static_cast<int32_t>((r + kRound) - kRound);
     sum += a;
-    if (ndig == 1) {
+    if constexpr (NDIG == 1) {
       d0[i] = static_cast<int8_t>(a);
     } else {
       const int32_t lo = ((a + 64) & 127) - 64;
@@ -152,7 +161,7 @@ inline void prepare_row(const Plan& p, const QLinearArgs& a, int64_t m, float* t
     for (int64_t s = 0; s < p.nseg; ++s) {
       const int64_t b = p.seg_begin(s), e = p.seg_end(s);
       if (ok) {
-        as[s] = static_cast<float>(quantize_span(tmp + b, e - b, inv, 127, 1, d[0] + b, nullptr, nullptr));
+        as[s] = static_cast<float>(quantize_span<1>(tmp + b, e - b, inv, 127, d[0] + b, nullptr, nullptr));
       } else {
         std::memset(d[0] + b, 0, e - b);
         as[s] = 0.f;
@@ -167,7 +176,7 @@ inline void prepare_row(const Plan& p, const QLinearArgs& a, int64_t m, float* t
     const bool ok = amax > 0.f && amax <= FLT_MAX;
     if (ok) {
       const float inv = static_cast<float>(kFixedMax) / amax;
-      as[s] = static_cast<float>(quantize_span(tmp + b, e - b, inv, kFixedMax, 3, d[0] + b, d[1] + b, d[2] + b));
+      as[s] = static_cast<float>(quantize_span<3>(tmp + b, e - b, inv, kFixedMax, d[0] + b, d[1] + b, d[2] + b));
       sx[s] = amax / static_cast<float>(kFixedMax);
     } else {
       for (int i = 0; i < 3; ++i) std::memset(d[i] + b, 0, e - b);
