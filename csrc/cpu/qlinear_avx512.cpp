@@ -17,6 +17,9 @@ namespace {
 // the destructive vpdpbusd and spills them every iteration.
 inline void dpbusd(__m512i& acc, __m512i w, __m512i a) { __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a)); }
 
+// Software prefetch distance along each weight tile's stream (the streams are 16 rows x K apart).
+constexpr int kPrefetchBytes = 2048;
+
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -72,7 +75,10 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
       for (int64_t k = kb; k < ke; k += 4) {
         __m512i w[NT];
         KS_UNROLL
-        for (int t = 0; t < NT; ++t) w[t] = _mm512_xor_si512(_mm512_loadu_si512(wt[t] + k * 16), flip);
+        for (int t = 0; t < NT; ++t) {
+          _mm_prefetch(reinterpret_cast<const char*>(wt[t] + k * 16 + kPrefetchBytes), _MM_HINT_T0);
+          w[t] = _mm512_xor_si512(_mm512_loadu_si512(wt[t] + k * 16), flip);
+        }
         KS_UNROLL
         for (int m = 0; m < MR; ++m)
           KS_UNROLL
@@ -87,6 +93,7 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
         __m512i lo[NT], hi[NT];
         KS_UNROLL
         for (int t = 0; t < NT; ++t) {
+          _mm_prefetch(reinterpret_cast<const char*>(wt[t] + k * 8 + kPrefetchBytes), _MM_HINT_T0);
           const __m512i raw = _mm512_loadu_si512(wt[t] + k * 8);
           lo[t] = _mm512_and_si512(raw, low4);
           hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
