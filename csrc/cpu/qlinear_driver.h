@@ -16,9 +16,9 @@ inline void run_qlinear(const QLinearArgs& a) {
 
   // Weight block: about 1 MiB of packed weights (stays in L2 while the row blocks stream past it).
   int64_t nb = std::max<int64_t>(1, std::min<int64_t>(32, (int64_t{1} << 20) / p.tile_bytes));
-  // Threads only where each gets enough work to pay for waking it (~1M digit-MACs, tens of microseconds).
+  // Threads only where each gets enough work to pay for waking it (~8M digit-MACs: waking a sleeping worker costs tens of microseconds).
   const double work = static_cast<double>(p.M) * p.Np * p.kpad * p.ndig;
-  const int threads = static_cast<int>(std::max<double>(1, std::min<double>(a.num_threads, work / (1 << 20))));
+  const int threads = static_cast<int>(std::max<double>(1, std::min<double>(a.num_threads, work / (1 << 23))));
   while (nb > 1 && (p.ntiles + nb - 1) / nb < 2 * threads && p.M <= 64) nb /= 2;  // enough tasks to share
   const int64_t mb = p.M <= 96 ? p.M : 64;
   const int64_t ntb = (p.ntiles + nb - 1) / nb, nmb = (p.M + mb - 1) / mb;
