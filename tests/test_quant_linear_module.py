@@ -121,3 +121,24 @@ def test_backend_from_config_and_grad_free():
     torch.testing.assert_close(q(x), QuantLinear.from_linear(lin, "int8")(x), rtol=1e-5, atol=1e-5)
     w = q.dequantize_weight()
     assert w.shape == (40, 256) and (w - lin.weight).abs().max() <= q.scale.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "w4a8-g32-asym"])
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_eager_inference_path_matches_op(fmt, ctx):
+    """Under no_grad / inference_mode the module calls the cpu kernel with arguments prepared once; it must
+    give exactly what the op gives, follow in-place bias updates, and fall back for odd inputs."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    q = QuantLinear.from_linear(lin, FORMATS[fmt])
+    x = torch.randn(2, 3, 96)
+    expected = quantized_linear(x, q.qweight, q.bias.detach())
+    guard = torch.no_grad() if ctx == "no_grad" else torch.inference_mode()
+    with guard:
+        torch.testing.assert_close(q(x), expected, rtol=0, atol=0)
+        q.bias.add_(1.0)  # in-place update: the prepared bias must follow
+        torch.testing.assert_close(q(x), expected + 1.0, rtol=1e-6, atol=1e-5)
+        q.bias.sub_(1.0)
+        torch.testing.assert_close(q(x.double().float()[:, :, :].transpose(0, 1)).transpose(0, 1), expected)
+        with pytest.raises(ValueError, match="in_features=96, got 95"):
+            q(torch.randn(2, 95))

@@ -6,7 +6,9 @@ import torch.nn as nn
 
 from ..config import QuantConfig
 from ..formats import QuantizedWeight, layout, quantize
-from ..ops.quantized_linear import quantized_linear
+from .. import _ext
+from ..backends import cpu as _cpu_backend
+from ..ops.quantized_linear import _eager_fast_path, quantized_linear
 
 __all__ = ["QuantLinear"]
 
@@ -120,7 +122,31 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._cpu_runner(x)
+        if run is not None:  # eager CPU inference: the op's cpu kernel with this layer's arguments prepared once
+            lead = x.shape[:-1]
+            return run(x.reshape(-1, self.in_features).contiguous()).reshape(*lead, self.out_features)
         return quantized_linear(x, self.qweight, self.bias, backend=self.config.backend)
+
+    def _cpu_runner(self, x: torch.Tensor):
+        """The prepared cpu-backend runner when this call is plain eager CPU inference that ``auto``/``cpu``
+        would send to the compiled kernel anyway (else None: the general path checks and dispatches)."""
+        if torch.compiler.is_compiling():
+            return None
+        if (x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.numel() == 0
+                or x.shape[-1] != self.in_features or self.config.backend.value not in ("auto", "cpu")
+                or self.packed.device.type != "cpu" or not _eager_fast_path(x, self.bias)):
+            return None
+        b = self.bias
+        key = (id(self.packed), id(self.scale), id(self.zero), id(b), None if b is None else b._version,
+               id(_ext.get_C()))
+        cached = self.__dict__.get("_runner_cache")
+        if cached is None or cached[0] != key:
+            qw = self.qweight
+            run = _cpu_backend.prepare(qw.packed, qw.scale, qw.zero, b, qw.bits, qw.group_size, qw.in_features,
+                                       qw.out_features, qw.dynamic_activations) if _ext.have_cpu_ext() else None
+            cached = self.__dict__["_runner_cache"] = (key, run)
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
