@@ -106,3 +106,10 @@ def sqnr_db(ref, test):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def assert_raises(call, exc, substr):
+    """call() raises exc (a type or tuple of types) whose message contains substr."""
+    with pytest.raises(exc) as ei:
+        call()
+    assert substr in str(ei.value), str(ei.value)

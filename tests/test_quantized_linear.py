@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import kernswap
-from conftest import (DTYPES, FORMATS, HAVE_C, ISAS, NO_C_REASON, assert_within, backend_params, quant_tolerance,
-                      split_backend, sqnr_db, use_isa)
+from conftest import (DTYPES, FORMATS, HAVE_C, ISAS, NO_C_REASON, assert_raises, assert_within, backend_params,
+                      quant_tolerance, split_backend, sqnr_db, use_isa)
 from kernswap.formats import quantize
 from kernswap.ops import choose_backend, quantized_linear
 from kernswap.reference import quantize_activations, reference_linear
@@ -150,9 +150,7 @@ def _bad(**kw):
      "backend='triton'"),
 ])
 def test_bad_inputs(call, exc, substr):
-    with pytest.raises(exc) as ei:
-        call()
-    assert substr in str(ei.value)
+    assert_raises(call, exc, substr)
 
 
 def test_forced_cpu_backend_without_module_says_why():

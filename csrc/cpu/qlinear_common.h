@@ -70,19 +70,6 @@ struct Acts {
   }
 };
 
-inline float to_float(const void* base, DType t, int64_t i) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(base)[i];
-    case DType::BF16: {
-      uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
-      float f;
-      std::memcpy(&f, &bits, 4);
-      return f;
-    }
-    default: return static_cast<float>(static_cast<const _Float16*>(base)[i]);
-  }
-}
-
 inline void load_row(const void* xrow, DType t, int64_t K, float* out) {
   switch (t) {
     case DType::F32: std::memcpy(out, xrow, K * sizeof(float)); break;
