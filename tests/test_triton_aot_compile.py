@@ -1,8 +1,9 @@
 """Ahead-of-time compile of every Triton kernel variant the triton backend launches, for sm_90 and sm_80,
 down to cubin, without a GPU (triton.compiler.ASTSource + triton.compile(target=GPUTarget(...))).
 
-Uses a private copy of kernels/quantized_linear.py decorated with TRITON_INTERPRET unset (the interpreter
-tests may have set it) and a fresh Triton cache directory, so every variant is really compiled.
+Every kernels/*.py that defines ``aot_variants()`` takes part. Each is loaded as a private copy decorated with
+TRITON_INTERPRET unset (the interpreter tests may have set it) and compiled with a fresh Triton cache directory,
+so every variant is really compiled.
 """
 import importlib.util
 import os
@@ -16,33 +17,34 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-KERNEL_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "quantized_linear.py"
+KERNEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+KERNEL_FILES = sorted(p.stem for p in KERNEL_DIR.glob("*.py") if "def aot_variants(" in p.read_text())
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
-_MOD = None
+_MODS = {}
 
 
-def _module():
-    """The kernel module, JIT-decorated for real compilation (not the interpreter)."""
-    global _MOD
-    if _MOD is None:
+def _module(stem="quantized_linear"):
+    """The kernel module kernels/<stem>.py, JIT-decorated for real compilation (not the interpreter)."""
+    if stem not in _MODS:
         saved = os.environ.pop("TRITON_INTERPRET", None)
         try:
-            spec = importlib.util.spec_from_file_location("_kernswap_aot_quantized_linear", KERNEL_FILE)
+            spec = importlib.util.spec_from_file_location(f"_kernswap_aot_{stem}", KERNEL_DIR / f"{stem}.py")
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         finally:
             if saved is not None:
                 os.environ["TRITON_INTERPRET"] = saved
-        _MOD = mod
-    return _MOD
+        _MODS[stem] = mod
+    return _MODS[stem]
 
 
 def _compile(job):
-    """Worker: compile variant `index` for `target`; returns (name, target, cubin bytes, ptx chars, shared)."""
-    index, tname, cache_dir = job
+    """Worker: compile variant `index` of kernels/<stem>.py for `target`; returns (name, target, cubin bytes,
+    ptx chars, shared bytes)."""
+    stem, index, tname, cache_dir = job
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ.pop("TRITON_INTERPRET", None)
-    v = list(_module().aot_variants())[index]
+    v = list(_module(stem).aot_variants())[index]
     src = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs)
     k = triton.compile(src, target=TARGETS[tname], options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     return v.name, tname, len(k.asm["cubin"]), len(k.asm["ptx"]), k.metadata.shared
@@ -68,9 +70,17 @@ def test_variants_cover_backend_launches():
                         assert (bits, dyn, f"*{dt}", c.block_m, c.block_n, c.block_k) in consts
 
 
+def test_every_kernel_file_takes_part():
+    assert "quantized_linear" in KERNEL_FILES
+    for stem in KERNEL_FILES:
+        names = [v.name for v in _module(stem).aot_variants()]
+        assert names and len(names) == len(set(names)), stem
+
+
 def test_aot_compile_all_variants_to_cubin(tmp_path):
-    n = len(list(_module().aot_variants()))
-    jobs = [(i, t, str(tmp_path / "cache")) for i in range(n) for t in TARGETS]
+    counts = {stem: len(list(_module(stem).aot_variants())) for stem in KERNEL_FILES}
+    n = sum(counts.values())
+    jobs = [(stem, i, t, str(tmp_path / "cache")) for stem, c in counts.items() for i in range(c) for t in TARGETS]
     t0 = time.time()
     workers = max(1, min(4, os.cpu_count() or 1))
     saved = os.environ.pop("TRITON_INTERPRET", None)  # spawned workers inherit the environment
