@@ -4,7 +4,7 @@ from typing import Optional, Union
 
 from .backend import Backend, normalize_backend
 
-__all__ = ["QuantConfig", "SHORTCUTS"]
+__all__ = ["QuantConfig", "SHORTCUTS", "SparseAttentionConfig", "MoEConfig"]
 
 _INT4_GROUPS = (32, 64, 128)
 
@@ -72,3 +72,96 @@ SHORTCUTS = {
     "w8a8": QuantConfig(weight_bits=8, dynamic_activations=True),
     "w4a8": QuantConfig(weight_bits=4, group_size=128, symmetric=True, dynamic_activations=True),
 }
+
+
+def _bad(cls: str, field: str, allowed: str, got: object) -> ValueError:
+    return ValueError(f"{cls}.{field} must be {allowed}, got {got!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Block-sparse attention swapped in by ``kernswap.patch(model, attention=...)``.
+
+    Per head, the kept (query block, key block) pairs are: the first ``sink_blocks`` key blocks (attention
+    sinks), the ``local_blocks`` key blocks ending at the query's own block (sliding window), and the
+    best-scoring other blocks (pooled q . pooled k) up to ``density`` of the causal block pairs of each query
+    block row. ``density=1.0`` is dense causal attention. Sequences whose key length is below ``min_seq_len``
+    run dense attention (torch's SDPA).
+    block_size: 16..256, a multiple of 16. backend: "auto" | "cpu" | "triton" | "reference".
+    """
+
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 2
+    density: float = 0.5
+    min_seq_len: int = 1024
+    backend: Union[str, Backend] = Backend.AUTO
+
+    def __post_init__(self) -> None:
+        c = "SparseAttentionConfig"
+        if not _is_int(self.block_size) or not (16 <= self.block_size <= 256) or self.block_size % 16:
+            raise _bad(c, "block_size", "an int in [16, 256] that is a multiple of 16", self.block_size)
+        for field in ("sink_blocks", "local_blocks", "min_seq_len"):
+            v = getattr(self, field)
+            if not _is_int(v) or v < 0:
+                raise _bad(c, field, "an int >= 0", v)
+        if self.local_blocks < 1:
+            raise _bad(c, "local_blocks", "an int >= 1 (the diagonal block is always kept)", self.local_blocks)
+        d = self.density
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < float(d) <= 1.0):
+            raise _bad(c, "density", "a float in (0, 1]", d)
+        object.__setattr__(self, "density", float(d))
+        object.__setattr__(self, "backend", normalize_backend(self.backend, f"{c}.backend"))
+
+    @property
+    def name(self) -> str:
+        return (f"sparse-b{self.block_size}-s{self.sink_blocks}-w{self.local_blocks}-d{self.density:g}"
+                f"-min{self.min_seq_len}")
+
+    @classmethod
+    def from_any(cls, x: Union["SparseAttentionConfig", str]) -> "SparseAttentionConfig":
+        """A SparseAttentionConfig or the shortcut "sparse" (the defaults)."""
+        if isinstance(x, SparseAttentionConfig):
+            return x
+        if isinstance(x, str) and x.strip().lower() == "sparse":
+            return cls()
+        raise ValueError(f"attention must be a kernswap.SparseAttentionConfig or 'sparse', got {x!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Fused mixture-of-experts swapped in by ``kernswap.patch(model, moe=...)``.
+
+    quant: None (experts keep their float weights, or take patch()'s ``quant=`` when that is given) | a
+      QuantConfig or shortcut ("int8", "int4", "w8a8", "w4a8") for the experts only.
+    backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
+    """
+
+    quant: Union[None, str, QuantConfig] = None
+    backend: Union[str, Backend] = Backend.AUTO
+
+    def __post_init__(self) -> None:
+        if self.quant is not None:
+            try:
+                object.__setattr__(self, "quant", QuantConfig.from_any(self.quant))
+            except ValueError as e:
+                raise ValueError(f"MoEConfig.quant must be None, a QuantConfig or one of {sorted(SHORTCUTS)}, "
+                                 f"got {self.quant!r}") from e
+        object.__setattr__(self, "backend", normalize_backend(self.backend, "MoEConfig.backend"))
+
+    @property
+    def name(self) -> str:
+        return "fused" + ("" if self.quant is None else f"-{self.quant.name}")
+
+    @classmethod
+    def from_any(cls, x: Union["MoEConfig", str]) -> "MoEConfig":
+        """A MoEConfig or the shortcut "fused" (float experts unless patch() also gets quant=)."""
+        if isinstance(x, MoEConfig):
+            return x
+        if isinstance(x, str) and x.strip().lower() == "fused":
+            return cls()
+        raise ValueError(f"moe must be a kernswap.MoEConfig or 'fused', got {x!r}")
