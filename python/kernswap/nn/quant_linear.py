@@ -8,7 +8,8 @@ from ..config import QuantConfig
 from ..formats import QuantizedWeight, layout, quantize
 from .. import _ext
 from ..backends import cpu as _cpu_backend
-from ..ops.quantized_linear import _eager_fast_path, quantized_linear
+from ..ops._dispatch import eager_fast_path
+from ..ops.quantized_linear import quantized_linear
 
 __all__ = ["QuantLinear"]
 
@@ -135,7 +136,7 @@ class QuantLinear(nn.Module):
             return None
         if (x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.numel() == 0
                 or x.shape[-1] != self.in_features or self.config.backend.value not in ("auto", "cpu")
-                or self.packed.device.type != "cpu" or not _eager_fast_path(x, self.bias)):
+                or self.packed.device.type != "cpu" or not eager_fast_path(x, self.bias)):
             return None
         b = self.bias
         key = (id(self.packed), id(self.scale), id(self.zero), id(b), None if b is None else b._version,

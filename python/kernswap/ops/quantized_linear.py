@@ -8,102 +8,35 @@
 A caller can force a backend with ``backend=``; forcing one that is unavailable raises RuntimeError with
 the backend's own reason, one that cannot run these inputs raises NotImplementedError.
 """
-import importlib
-import os
-from types import ModuleType
 from typing import List, Optional, Tuple, Union
 
 import torch
 
-from .. import _ext
 from ..backend import Backend, normalize_backend
 from ..formats.base import QuantizedWeight
 from ..reference.quantized_linear import quantized_linear_ref
+from ._dispatch import BackendTable, eager_fast_path
 
 __all__ = ["quantized_linear", "choose_backend", "get_backend_module", "backend_available", "auto_backend"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MODULES = {"cpu": "kernswap.backends.cpu", "cuda": "kernswap.backends.cuda", "triton": "kernswap.backends.triton"}
 # Auto choice table: device type -> backends tried in order; the reference is the last resort everywhere.
 AUTO_TABLE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-
-
-# ------------------------------------------------------------------------------------------ backend table
-def get_backend_module(name: str) -> Tuple[Optional[ModuleType], str]:
-    """(module, "") or (None, reason). GPU backend modules are imported lazily (another file's owner)."""
-    try:
-        return importlib.import_module(_MODULES[name]), ""
-    except ImportError as e:
-        return None, f"{_MODULES[name]} not importable ({type(e).__name__}: {e})"
-    except Exception as e:  # noqa: BLE001 - a broken optional backend must not break the op
-        return None, f"{_MODULES[name]} failed to import ({type(e).__name__}: {e})"
-
-
-_AVAILABLE_CACHE = {}
-
-
-def backend_available(name: str) -> Tuple[bool, str]:
-    """(available, reason) for "cpu" | "cuda" | "triton" | "reference". Cached per state of the things it
-    depends on (the compiled modules and the test overrides), so the per-call cost is a dict lookup."""
-    key = (name, os.environ.get("TRITON_INTERPRET"), os.environ.get("KERNSWAP_NO_EXT"), id(_ext.get_C()),
-           id(_ext.get_C_cuda()))
-    hit = _AVAILABLE_CACHE.get(key)
-    if hit is None:
-        hit = _AVAILABLE_CACHE[key] = _backend_available(name)
-    return hit
-
-
-def _backend_available(name: str) -> Tuple[bool, str]:
-    name = normalize_backend(name).value
-    if name == "reference":
-        return True, ""
-    if name == "auto":
-        raise ValueError("backend_available: name must be a concrete backend, got 'auto'")
-    mod, reason = get_backend_module(name)
-    if mod is None:
-        return False, reason
-    try:
-        ok, reason = mod.available()
-    except Exception as e:  # noqa: BLE001
-        return False, f"{name}.available() raised {type(e).__name__}: {e}"
-    return bool(ok), str(reason)
-
-
-def _supports(mod: ModuleType, x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -> bool:
-    try:
-        return bool(mod.supports(x2d, bits, group_size, dynamic_act))
-    except Exception:  # noqa: BLE001 - a backend that cannot tell does not support
-        return False
+TABLE = BackendTable(
+    "quantized_linear",
+    {"cpu": "kernswap.backends.cpu", "cuda": "kernswap.backends.cuda", "triton": "kernswap.backends.triton"},
+    AUTO_TABLE)
+get_backend_module = TABLE.module
+backend_available = TABLE.available
 
 
 def choose_backend(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool,
-                   requested: Union[str, Backend] = Backend.AUTO) -> Tuple[str, Optional[ModuleType], List[str]]:
+                   requested: Union[str, Backend] = Backend.AUTO):
     """(backend name, module or None for the reference, reasons why earlier candidates were skipped)."""
-    req = normalize_backend(requested)
-    if req is Backend.REFERENCE:
-        return "reference", None, []
     desc = (f"x of shape {list(x2d.shape)}, dtype {x2d.dtype}, device {x2d.device.type}, bits={bits}, "
             f"group_size={group_size}, dynamic_act={dynamic_act}")
-    if req is not Backend.AUTO:
-        ok, reason = backend_available(req.value)
-        if not ok:
-            raise RuntimeError(f"quantized_linear: backend={req.value!r} is unavailable: {reason}")
-        mod, _ = get_backend_module(req.value)
-        if not _supports(mod, x2d, bits, group_size, dynamic_act):
-            raise NotImplementedError(f"quantized_linear: backend={req.value!r} does not support {desc}; "
-                                      f"use backend='auto' or 'reference'")
-        return req.value, mod, []
-    skipped = []
-    for name in AUTO_TABLE.get(x2d.device.type, ()):
-        ok, reason = backend_available(name)
-        if not ok:
-            skipped.append(f"{name}: {reason}")
-            continue
-        mod, _ = get_backend_module(name)
-        if _supports(mod, x2d, bits, group_size, dynamic_act):
-            return name, mod, skipped
-        skipped.append(f"{name}: does not support {desc}")
-    return "reference", None, skipped
+    return TABLE.choose(x2d.device.type, lambda mod: mod.supports(x2d, bits, group_size, dynamic_act), desc,
+                        requested)
 
 
 def auto_backend(device_type: str, bits: int, group_size: int, dynamic_act: bool, m: int = 1, k: int = 256,
@@ -172,26 +105,6 @@ _quantized_linear_op.register_kernel("cpu")(_run)
 _quantized_linear_op.register_kernel("cuda")(_run)
 
 
-# ------------------------------------------------------------------------------------------ eager fast path
-_len_dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager_fast_path(x2d: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """True when the op's registered kernel would run with nothing around it: plain tensors, no autograd to
-    record, no tracing/compiling, no dispatch or function modes. Then the same kernel (`_run`) is called
-    directly, skipping about 0.2 ms of dispatcher and autograd-wrapper overhead per call (a decode step of
-    a small model makes hundreds of these calls). Everything else goes through torch.ops.kernswap."""
-    if _len_dispatch_stack is None or _function_mode_on is None:
-        return False
-    if type(x2d) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
-        return False
-    if torch.is_grad_enabled() and (x2d.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return not (torch.compiler.is_compiling() or _len_dispatch_stack() or _function_mode_on())
-
-
 # ------------------------------------------------------------------------------------------ public API
 def _check_tensor_device(name: str, t: Optional[torch.Tensor], device: torch.device) -> None:
     if t is not None and t.device != device:
@@ -231,7 +144,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[t
     req = normalize_backend(backend, "quantized_linear: backend")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k).contiguous()
-    op = _run if _eager_fast_path(x2d, bias) else torch.ops.kernswap.quantized_linear
+    op = _run if eager_fast_path(x2d, bias) else torch.ops.kernswap.quantized_linear
     y = op(
         x2d, qweight.packed, qweight.scale, qweight.zero, bias, qweight.bits, qweight.group_size, k, n,
         qweight.dynamic_activations, req.value)
