@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ..backend import Backend, normalize_backend
-from ..config import QuantConfig
+from ..config import MoEConfig, QuantConfig, SparseAttentionConfig
 from .families import FamilySpec, get_family
 from .report import PatchReport, module_memory
-from .rules import ModuleSwap, Plan, QuantLinearRule, unsupported_rule
+from .rules import ModuleSwap, Plan, QuantLinearRule
 
 __all__ = ["patch", "unpatch", "is_patched", "patch_state", "PatchState", "PLAN_BUFFER", "STATE_ATTR"]
 
@@ -105,8 +105,11 @@ def patch(
     """Patch ``model`` in place and return a :class:`PatchReport`.
 
     quant: None | "int8" | "int4" | "w8a8" | "w4a8" | QuantConfig -- swap nn.Linear for QuantLinear.
-    attention / moe: reserved for the sparse-attention and fused-MoE swaps (NotImplementedError for now).
-    backend: forced into the QuantConfig when not "auto".
+    attention: None | "sparse" | SparseAttentionConfig -- block-sparse attention through transformers'
+      attention registry (declared families only), for prefill and for decode with the KV cache.
+    moe: None | "fused" | MoEConfig -- fused MoE experts (declared MoE families); with ``quant=`` the experts
+      are quantized in that format unless ``MoEConfig.quant`` says otherwise.
+    backend: forced into every config when not "auto".
     skip: Linear-name glob patterns left unquantized. None = the family default (``lm_head``, MoE
       routers/gates); an explicit sequence *replaces* the default (``skip=()`` quantizes ``lm_head`` too,
       unless its weight is tied to the embeddings).
@@ -119,13 +122,14 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"kernswap.patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    if attention is not None:
-        raise unsupported_rule("attention", attention)
-    if moe is not None:
-        raise unsupported_rule("moe", moe)
     cfg = _resolve_quant(quant, backend)
+    attn_cfg = None if attention is None else SparseAttentionConfig.from_any(attention)
+    moe_cfg = None if moe is None else MoEConfig.from_any(moe)
+    if backend != Backend.AUTO:
+        attn_cfg = attn_cfg and dataclasses.replace(attn_cfg, backend=backend)
+        moe_cfg = moe_cfg and dataclasses.replace(moe_cfg, backend=backend)
     family = get_family(_model_type(model))
-    request = {"quant": cfg, "attention": attention, "moe": moe, "skip": _skip_patterns(skip, family, model)}
+    request = {"quant": cfg, "attention": attn_cfg, "moe": moe_cfg, "skip": _skip_patterns(skip, family, model)}
 
     state = patch_state(model)
     if state is not None:
@@ -133,18 +137,30 @@ def patch(
             return state.report
         raise RuntimeError(
             "kernswap.patch: this model is already patched "
-            f"(quant={_name(state.request['quant'])}, skip={state.request['skip']}); requested "
-            f"quant={_name(cfg)}, skip={request['skip']}. Call kernswap.unpatch(model) first: kernswap "
+            f"({_describe(state.request)}); requested {_describe(request)}. Call kernswap.unpatch(model) first: kernswap "
             "never quantizes a quantized model again.")
 
     rules = []
     if cfg is not None:
         rules.append(QuantLinearRule(cfg, request["skip"]))
+    if moe_cfg is not None:
+        from .moe import MoERule  # the MoE swap's own module
+
+        rules.append(MoERule(moe_cfg, cfg))
+    if attn_cfg is not None:
+        from .attention import AttentionRule
+
+        rules.append(AttentionRule(attn_cfg))
     return apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals)
 
 
-def _name(cfg: Optional[QuantConfig]) -> str:
+def _name(cfg) -> str:
     return "None" if cfg is None else cfg.name
+
+
+def _describe(request: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_name(request.get(k))}" for k in ("quant", "attention", "moe")) + \
+        f", skip={request.get('skip')}"
 
 
 def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: FamilySpec, *,
@@ -157,8 +173,8 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
         plan.extend(rule.plan(model, family))
     report = PatchReport(
         model_type=_model_type(model), family=family.name,
-        requested={"quant": _name(request.get("quant")), "attention": str(request.get("attention")),
-                   "moe": str(request.get("moe"))},
+        requested={"quant": _name(request.get("quant")), "attention": _name(request.get("attention")),
+                   "moe": _name(request.get("moe"))},
         notes=list(family.notes) + plan.notes,
     )
     report.memory_before = module_memory(model)

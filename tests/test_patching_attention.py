@@ -1,0 +1,150 @@
+"""patch(model, attention=...): block-sparse attention through transformers' attention registry."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import kernswap  # noqa: E402
+from kernswap import SparseAttentionConfig  # noqa: E402
+from kernswap.nn import sparse_attention as sa  # noqa: E402
+from kernswap.testing.tiny import TINY_FAMILIES, tiny_model  # noqa: E402
+
+DENSE_EQUIV = SparseAttentionConfig(block_size=16, sink_blocks=1, local_blocks=1, density=1.0, min_seq_len=0)
+SPARSE = SparseAttentionConfig(block_size=16, sink_blocks=1, local_blocks=1, density=0.3, min_seq_len=0)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls that take the block-sparse path."""
+    calls = []
+    real = sa.block_sparse_attention
+
+    def wrapped(q, k, v, mask, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape), tuple(mask.shape)))
+        return real(q, k, v, mask, **kw)
+
+    monkeypatch.setattr(sa, "block_sparse_attention", wrapped)
+    return calls
+
+
+def _model(family="llama", **kw):
+    return tiny_model(family, head_dim=64, hidden_size=256, **kw)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_density_one_equals_dense(family, spy):
+    model = _model(family)
+    ids = torch.randint(3, 256, (2, 70))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = kernswap.patch(model, attention=DENSE_EQUIV, progress=False)
+        out = model(ids).logits
+    assert len(spy) == 2  # both layers ran the block-sparse op
+    assert [r for r in report.swapped if r[1] == "attention"]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    kernswap.unpatch(model)
+    assert model.config._attn_implementation != sa.ATTN_NAME
+    assert not hasattr(model.model.layers[0].self_attn, sa.MODULE_ATTR)
+
+
+def test_sparse_changes_output_and_is_what_the_mask_says(spy):
+    model = _model()
+    ids = torch.randint(3, 256, (1, 96))
+    with torch.no_grad():
+        ref = model(ids).logits
+        kernswap.patch(model, attention=SPARSE, progress=False)
+        out = model(ids).logits
+    assert spy and spy[0][2] == (1, 4, 6, 6)
+    assert not torch.allclose(out, ref, atol=1e-3)  # pruned blocks really are pruned
+    assert torch.allclose(out[:, :16], ref[:, :16], atol=1e-5)  # the first block sees everything it can
+
+
+def test_generate_with_kv_cache_matches_dense_at_full_density(spy):
+    model = _model()
+    ids = torch.randint(3, 256, (1, 40))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+        kernswap.patch(model, attention=DENSE_EQUIV, progress=False)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref)
+    assert any(q[2] == 1 for q, _, _ in spy)  # decode steps (one query vs the cache) took the sparse path
+
+
+def test_decode_key_pool_tracks_the_cache():
+    torch.manual_seed(0)
+    pool = sa._KeyPool()
+    k = torch.randn(1, 2, 70, 64)
+    from kernswap.sparse import pool_key_blocks
+
+    assert torch.allclose(pool.means(k, 16), pool_key_blocks(k, 16), atol=1e-6)
+    k2 = torch.cat([k, torch.randn(1, 2, 30, 64)], dim=2)  # the cache grew
+    assert torch.allclose(pool.means(k2, 16), pool_key_blocks(k2, 16), atol=1e-6)
+    k3 = torch.randn(1, 2, 100, 64)  # a new sequence of the same length: must not reuse stale sums
+    assert torch.allclose(pool.means(k3, 16), pool_key_blocks(k3, 16), atol=1e-6)
+
+
+def test_padding_and_short_sequences_run_dense(spy):
+    model = _model()
+    ids = torch.randint(3, 256, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding (batched generation)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        kernswap.patch(model, attention=SPARSE, progress=False)
+        out = model(ids, attention_mask=mask).logits
+    assert not spy
+    torch.testing.assert_close(out, ref)
+    kernswap.unpatch(model)
+    kernswap.patch(model, attention=SparseAttentionConfig(min_seq_len=1024), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    assert not spy
+
+
+def test_failure_later_in_patch_restores_attention(monkeypatch):
+    model = _model()
+    from kernswap.patching import attention as pa
+
+    def boom(self, cfgs):
+        def run():
+            raise RuntimeError("boom")
+        return run
+
+    before = model.config._attn_implementation
+    monkeypatch.setattr(pa.AttentionRule, "_switch", staticmethod(lambda cfgs: boom(None, cfgs)))
+    with pytest.raises(RuntimeError, match="boom"):
+        kernswap.patch(model, attention="sparse", progress=False)
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, sa.MODULE_ATTR) for m in model.modules())
+    assert kernswap.patching.patch_state(model) is None
+
+
+def test_with_quantization_and_repeat_patch_is_noop():
+    model = _model()
+    r1 = kernswap.patch(model, quant="int8", attention="sparse", progress=False)
+    assert r1.requested["attention"].startswith("sparse-b64")
+    assert kernswap.patch(model, quant="int8", attention="sparse", progress=False) is r1
+    with pytest.raises(RuntimeError, match="already patched"):
+        kernswap.patch(model, quant="int8", attention=SPARSE, progress=False)
+
+
+def test_bad_arguments():
+    model = _model()
+    with pytest.raises(ValueError, match="attention must be"):
+        kernswap.patch(model, attention="dense")
+    with pytest.raises(ValueError, match="density"):
+        SparseAttentionConfig(density=1.5)
+    with pytest.raises(ValueError, match="block_size"):
+        SparseAttentionConfig(block_size=40)
+
+
+def test_unknown_family_is_refused():
+    from torch import nn
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    with pytest.raises(NotImplementedError, match="declared model family"):
+        kernswap.patch(Toy(), attention="sparse", progress=False)
