@@ -1,12 +1,12 @@
 """kernswap: int8/int4 quantized matmul kernels for PyTorch (CPU C++, CUDA/Triton, pure-PyTorch reference)."""
-from . import formats, nn, ops
+from . import formats, nn, ops, sparse
 from .backend import Backend
 from .config import MoEConfig, QuantConfig, SparseAttentionConfig
 from .diagnostics import info
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantConfig", "SparseAttentionConfig", "MoEConfig", "Backend", "info", "nn", "ops", "formats", "patch", "unpatch", "PatchReport",
+__all__ = ["QuantConfig", "SparseAttentionConfig", "MoEConfig", "Backend", "info", "nn", "ops", "formats", "sparse", "patch", "unpatch", "PatchReport",
            "__version__"]
 
 _LAZY = ("patch", "unpatch", "PatchReport")
