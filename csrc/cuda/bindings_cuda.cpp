@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "moe_align.cuh"
 #include "qgemv.cuh"
 
 namespace py = pybind11;
@@ -32,6 +33,21 @@ void qgemv(std::uintptr_t x_ptr, int x_dtype, int64_t M, int64_t K, int64_t x_ro
                                        kernswap::cuda::error_string(rc));
 }
 
+void moe_align(std::uintptr_t ids_ptr, int64_t num_pairs, int64_t num_experts, int64_t block_size,
+               std::uintptr_t sorted_ptr, int64_t sorted_len, std::uintptr_t offsets_ptr, std::uintptr_t ws_ptr,
+               int64_t ws_elems, std::uintptr_t stream) {
+  int rc;
+  {
+    py::gil_scoped_release nogil;
+    rc = kernswap::cuda::moe_align(as_ptr<const int32_t>(ids_ptr), num_pairs, num_experts, block_size,
+                                   as_ptr<int32_t>(sorted_ptr), sorted_len, as_ptr<int32_t>(offsets_ptr),
+                                   as_ptr<int32_t>(ws_ptr), ws_elems, stream);
+  }
+  if (rc < 0) throw std::invalid_argument(kernswap::cuda::moe_align_error_string(rc));
+  if (rc > 0) throw std::runtime_error(std::string("kernswap._C_cuda.moe_align: CUDA error ") + std::to_string(rc) +
+                                       ": " + kernswap::cuda::moe_align_error_string(rc));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -44,4 +60,11 @@ PYBIND11_MODULE(_C_cuda, m) {
         "bias_ptr 0 when absent; strides in elements; stream = cudaStream_t as int.  Raises ValueError on bad "
         "arguments, RuntimeError on a CUDA launch error.");
   m.attr("MAX_M_FAST") = 16;
+  m.def("moe_align", &moe_align, py::arg("ids_ptr"), py::arg("num_pairs"), py::arg("num_experts"),
+        py::arg("block_size"), py::arg("sorted_ptr"), py::arg("sorted_len"), py::arg("offsets_ptr"), py::arg("ws_ptr"),
+        py::arg("ws_elems"), py::arg("stream"),
+        "Sort MoE pairs by expert with block padding: int32 ids [num_pairs] -> sorted pair ids [sorted_len >= "
+        "min(P*bs, P + min(E,P)*(bs-1))] and offsets [E+1]; workspace int32 [ceil(P/MOE_ALIGN_CHUNK)*E].  Raises "
+        "ValueError on bad arguments, RuntimeError on a CUDA launch error.");
+  m.attr("MOE_ALIGN_CHUNK") = kernswap::cuda::kMoeAlignChunk;
 }

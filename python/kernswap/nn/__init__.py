@@ -1,4 +1,5 @@
 """Modules built on kernswap.ops."""
+from .fused_moe import FusedExperts
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "FusedExperts"]

@@ -171,6 +171,8 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
     plan = Plan()
     for rule in rules:
         plan.extend(rule.plan(model, family))
+    done = {a.name for a in plan.actions}  # e.g. experts one rule skips and another swaps: not "skipped"
+    plan.skipped = [s for s in plan.skipped if s.name not in done]
     report = PatchReport(
         model_type=_model_type(model), family=family.name,
         requested={"quant": _name(request.get("quant")), "attention": _name(request.get("attention")),
