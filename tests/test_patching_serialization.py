@@ -89,3 +89,25 @@ def test_save_errors(tmp_path):
     save_quantized(other, tmp_path / "q")
     with pytest.raises(ValueError, match="model_type"):
         load_quantized(model, tmp_path / "q")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_quantized_experts_and_sparse_attention_round_trip(tmp_path, family):
+    """moe= experts (quantized by quant= or by MoEConfig.quant) and the attention swap are rebuilt on load,
+    without re-quantizing: outputs are bit-identical."""
+    from kernswap import MoEConfig, SparseAttentionConfig
+    from kernswap.nn import FusedExperts
+
+    ids = torch.randint(3, 256, (1, 40))
+    for quant, moe in (("int8", "fused"), (None, MoEConfig(quant="int4"))):
+        model = tiny_model(family)
+        attn = SparseAttentionConfig(block_size=16, min_seq_len=0, density=0.5)
+        kernswap.patch(model, quant=quant, moe=moe, attention=attn, progress=False)
+        with torch.no_grad():
+            ref = model(ids).logits
+        path = save_quantized(model, tmp_path / f"{quant}")
+        loaded = load_quantized(path)
+        assert isinstance(loaded.model.layers[0].mlp.experts, FusedExperts)
+        assert loaded.config._attn_implementation == "kernswap_sparse"
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, ref)

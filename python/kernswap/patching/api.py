@@ -62,7 +62,8 @@ def _resolve_quant(quant, backend) -> Optional[QuantConfig]:
     return cfg
 
 
-def config_to_json(cfg: QuantConfig) -> Dict[str, Any]:
+def config_to_json(cfg) -> Dict[str, Any]:
+    """A QuantConfig / SparseAttentionConfig as plain JSON values."""
     d = dataclasses.asdict(cfg)
     d["backend"] = str(cfg.backend.value if isinstance(cfg.backend, Backend) else cfg.backend)
     return d
@@ -213,12 +214,23 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
 
 
 def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchReport) -> Dict[str, Any]:
-    cfg = request.get("quant")
+    """What a saved model needs to be rebuilt without re-quantizing: the quantized Linear layers, the
+    quantized fused experts (shape and format) and the attention swap."""
+    cfg, attn = request.get("quant"), request.get("attention")
+    experts = {}
+    for name, role, _ in report.swapped:
+        mod = model.get_submodule(name) if role == "moe" else None
+        q = getattr(mod, "quant", None)
+        if q is not None and hasattr(mod, "num_experts"):
+            experts[name] = {"num_experts": mod.num_experts, "hidden_size": mod.hidden_dim,
+                             "intermediate_size": mod.intermediate_dim, "quant": config_to_json(q)}
     return {
         "format": "kernswap.patch", "version": PLAN_VERSION, "model_type": _model_type(model),
         "quant": None if cfg is None else config_to_json(cfg),
         "skip": list(request.get("skip") or ()),
         "quantized": [name for name, _, kind in report.swapped if "QuantLinear" in kind],
+        "experts": experts,
+        "attention": None if attn is None else config_to_json(attn),
     }
 
 

@@ -10,6 +10,7 @@ to the Linear rule.
 """
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from ..config import MoEConfig, QuantConfig
@@ -17,7 +18,7 @@ from ..nn.fused_moe import FusedExperts, experts_quant_config, unsupported_reaso
 from .families import FamilySpec, match_any
 from .rules import Action, ModuleSwap, Plan, Skip
 
-__all__ = ["MoERule"]
+__all__ = ["MoERule", "ExpertsSkeletonRule"]
 
 
 class MoERule:
@@ -76,3 +77,41 @@ class MoERule:
             return records
 
         return run
+
+
+class ExpertsSkeletonRule:
+    """Loading a saved model: swap the named experts modules for empty quantized FusedExperts of the saved
+    shape and format (their buffers are then filled from the state dict; nothing is quantized)."""
+
+    kind = "moe"
+
+    def __init__(self, entries: Dict[str, dict]):
+        self.entries = dict(entries)
+
+    def plan(self, model: nn.Module, family: FamilySpec) -> Plan:
+        plan = Plan()
+        holders: Dict[int, List[Tuple[nn.Module, str]]] = {}
+        for _, parent in model.named_modules(remove_duplicate=False):
+            for attr, child in parent._modules.items():
+                if child is not None:
+                    holders.setdefault(id(child), []).append((parent, attr))
+        for name, spec in self.entries.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"load: the saved plan names experts {name!r} that this model does not have") from None
+            cfg = QuantConfig(**spec["quant"])
+            e, h, i = spec["num_experts"], spec["hidden_size"], spec["intermediate_size"]
+
+            def run(mod=mod, cfg=cfg, e=e, h=h, i=i) -> List[ModuleSwap]:
+                dev = next((p.device for p in mod.parameters() if p.device.type != "meta"), torch.device("cpu"))
+                new = FusedExperts(e, h, i, quant=cfg, device=dev)
+                records = []
+                for parent, attr in holders.get(id(mod), []):
+                    setattr(parent, attr, new)
+                    records.append(ModuleSwap(parent, attr, mod, new))
+                return records
+
+            plan.actions.append(Action(name=name, role="moe", kind=f"experts -> FusedExperts[{cfg.name}] (loaded)",
+                                       run=run))
+        return plan

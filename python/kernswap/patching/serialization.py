@@ -41,8 +41,9 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike]) -> str:
     model that ``patch`` accepts round-trips, MoE models with stacked experts included.
     """
     state = patch_state(model)
-    if state is None or not state.plan.get("quantized"):
-        raise ValueError("save_quantized: model is not quantized by kernswap.patch(model, quant=...)")
+    if state is None or not (state.plan.get("quantized") or state.plan.get("experts")):
+        raise ValueError("save_quantized: model is not quantized by kernswap.patch(model, quant=...) "
+                         "(nor its MoE experts by moe=MoEConfig(quant=...))")
     from safetensors.torch import save_model
 
     directory = os.fspath(directory)
@@ -123,12 +124,14 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
                         "load_quantized(model_or_config, dir))")
     sd = _load_weights(directory)
     plan = read_plan(directory, sd)
-    if plan.get("quant") is None:
-        raise ValueError(f"load_quantized: the plan in {directory!r} has no quant config")
-    qd = dict(plan["quant"])
-    if backend is not None:
-        qd["backend"] = backend
-    cfg = QuantConfig(**qd)
+    if plan.get("quant") is None and not plan.get("experts"):
+        raise ValueError(f"load_quantized: the plan in {directory!r} has no quant config and no quantized experts")
+    cfg = None
+    if plan.get("quant") is not None:
+        qd = dict(plan["quant"])
+        if backend is not None:
+            qd["backend"] = backend
+        cfg = QuantConfig(**qd)
 
     if plan.get("layout") != "state_dict" and not isinstance(source, nn.Module):
         # written by transformers' save_pretrained: its checkpoint format may differ from the module's
@@ -150,16 +153,30 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
     if plan.get("model_type") not in (None, mt):
         raise ValueError(f"load_quantized: saved plan is for model_type={plan['model_type']!r}, got a {mt!r} model")
     family = get_family(mt)
-    request = {"quant": cfg, "attention": None, "moe": None, "skip": tuple(plan.get("skip", ()))}
-    rule = QuantLinearRule(cfg, skip=(), empty=True, only=plan["quantized"])
-    apply_rules(model, [rule], request, family, progress=progress, restorable=False,
-                desc="kernswap: loading")
+    attn = None
+    if plan.get("attention"):
+        from ..config import SparseAttentionConfig
+
+        attn = SparseAttentionConfig(**dict(plan["attention"], **({"backend": backend} if backend else {})))
+    request = {"quant": cfg, "attention": attn, "moe": None, "skip": tuple(plan.get("skip", ()))}
+    rules = []
+    if cfg is not None:
+        rules.append(QuantLinearRule(cfg, skip=(), empty=True, only=plan["quantized"]))
+    if plan.get("experts"):
+        from .moe import ExpertsSkeletonRule
+
+        rules.append(ExpertsSkeletonRule(plan["experts"]))
+    if attn is not None:
+        from .attention import AttentionRule
+
+        rules.append(AttentionRule(attn))
+    apply_rules(model, rules, request, family, progress=progress, restorable=False, desc="kernswap: loading")
     _load_state(model, sd, strict)
     return model
 
 
 def _prefixes(plan: Dict[str, Any]) -> tuple:
-    return tuple(n + "." for n in plan.get("quantized", []))
+    return tuple(n + "." for n in list(plan.get("quantized", [])) + list(plan.get("experts") or {}))
 
 
 def _from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
