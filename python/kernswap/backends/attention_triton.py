@@ -5,11 +5,12 @@ This file checks availability and coverage, compresses the block mask into per-(
 of kept key blocks (torch ops) and launches the kernel.
 """
 import contextlib
-import os
 import weakref
 from typing import Tuple
 
 import torch
+
+from ._triton_common import interpret, kernel_module, triton_available
 
 __all__ = ["available", "supports", "block_sparse_attention", "compress_block_mask"]
 
@@ -17,26 +18,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128, 256)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _kernel_module():
-    from .. import _kernels
-
-    return _kernels.load("block_sparse_attention")
+    return kernel_module('block_sparse_attention')
 
 
 def available() -> Tuple[bool, str]:
     """(True, "") when triton imports and a CUDA device (or TRITON_INTERPRET=1) is there, else (False, reason)."""
-    try:
-        mod = _kernel_module()
-    except Exception as exc:  # missing source tree / broken install
-        return False, f"triton kernels not loadable: {type(exc).__name__}: {exc}"
-    if not mod.HAS_TRITON:
-        return False, f"triton not installed ({mod.TRITON_IMPORT_ERROR})"
-    if _interpret():
-        return True, ""
+    return triton_available('block_sparse_attention')
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU)"
     return True, ""
@@ -56,7 +44,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torc
         return False
     if q.is_cuda:
         return k.device == q.device and v.device == q.device
-    return _interpret() and q.device.type == "cpu" and q.dtype != torch.bfloat16
+    return interpret() and q.device.type == "cpu" and q.dtype != torch.bfloat16
 
 
 def compress_block_mask(block_mask: torch.Tensor, block_size: int, sq: int, sk: int, causal: bool):

@@ -6,10 +6,11 @@ weight, combine).  Float weights in the activation dtype (fp32 / fp16 / bf16); t
 w_gate_up [E, 2I, H] (gate = rows [0, I), up = rows [I, 2I)), w_down [E, H, I].
 """
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
+
+from ._triton_common import interpret, kernel_module, triton_available
 
 __all__ = ["available", "supports", "supports_align", "supports_fused_experts", "align", "fused_experts",
            "block_size_for"]
@@ -18,26 +19,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _kernel_module():
-    from .. import _kernels
-
-    return _kernels.load("fused_moe")
+    return kernel_module('fused_moe')
 
 
 def available() -> Tuple[bool, str]:
     """(True, "") when triton imports and a CUDA device (or TRITON_INTERPRET=1) is there, else (False, reason)."""
-    try:
-        mod = _kernel_module()
-    except Exception as exc:  # missing source tree / broken install
-        return False, f"triton kernels not loadable: {type(exc).__name__}: {exc}"
-    if not mod.HAS_TRITON:
-        return False, f"triton not installed ({mod.TRITON_IMPORT_ERROR})"
-    if _interpret():
-        return True, ""
+    return triton_available('fused_moe')
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU)"
     return True, ""
@@ -46,7 +34,7 @@ def available() -> Tuple[bool, str]:
 def _device_ok(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
-    return _interpret() and t.device.type == "cpu"
+    return interpret() and t.device.type == "cpu"
 
 
 def supports_align(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int]) -> bool:

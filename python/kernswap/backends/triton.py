@@ -4,36 +4,24 @@ The kernels live in <repo>/kernels/quantized_linear.py (installed as kernswap.ke
 the SPEC packed layouts directly; this file only checks availability and coverage and launches them.
 """
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
+
+from ._triton_common import interpret, kernel_module, triton_available
 
 __all__ = ["available", "supports", "quantized_linear"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _kernel_module():
-    from .. import _kernels
-
-    return _kernels.load("quantized_linear")
+    return kernel_module('quantized_linear')
 
 
 def available() -> Tuple[bool, str]:
     """(True, "") when triton imports and a CUDA device (or TRITON_INTERPRET=1) is there, else (False, reason)."""
-    try:
-        mod = _kernel_module()
-    except Exception as exc:  # missing source tree / broken install
-        return False, f"triton kernels not loadable: {type(exc).__name__}: {exc}"
-    if not mod.HAS_TRITON:
-        return False, f"triton not installed ({mod.TRITON_IMPORT_ERROR})"
-    if _interpret():
-        return True, ""
+    return triton_available('quantized_linear')
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU)"
     return True, ""
@@ -53,7 +41,7 @@ def supports(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -
         return False
     if x2d.is_cuda:
         return True
-    return _interpret() and x2d.device.type == "cpu" and x2d.dtype != torch.bfloat16
+    return interpret() and x2d.device.type == "cpu" and x2d.dtype != torch.bfloat16
 
 
 def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
