@@ -16,7 +16,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cpu/qlinear.h"  // DType (dtype codes shared by the CPU kernels)
+#include "cpu/dtype.h"
 
 namespace kernswap {
 namespace cpu {

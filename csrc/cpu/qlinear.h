@@ -11,10 +11,10 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/dtype.h"
+
 namespace kernswap {
 namespace cpu {
-
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 struct QLinearArgs {
   const void* x;        // [M, K] activations, row stride x_row_stride (elements)
