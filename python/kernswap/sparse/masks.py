@@ -88,15 +88,13 @@ def pool_key_blocks(k: torch.Tensor, block_size: int = 64) -> torch.Tensor:
         raise ValueError(f"pool_key_blocks: k must be a 4-D tensor (B, Hkv, Sk, D), got "
                          f"{getattr(k, 'shape', type(k).__name__)}")
     b, h, sk, d = k.shape
-    nkb = _nblocks(sk, block_size)
-    pad = nkb * block_size - sk
-    kf = k.float()
-    if pad:
-        kf = torch.cat([kf, kf.new_zeros(b, h, pad, d)], dim=2)
-    sums = kf.view(b, h, nkb, block_size, d).sum(dim=3)
-    counts = torch.full((nkb,), float(block_size), device=k.device)
-    counts[-1] = sk - (nkb - 1) * block_size
-    return sums / counts.view(1, 1, nkb, 1)
+    nfull = sk // block_size
+    parts = []
+    if nfull:  # complete blocks: a view, no padded copy
+        parts.append(k[:, :, :nfull * block_size].float().reshape(b, h, nfull, block_size, d).mean(dim=3))
+    if sk % block_size:
+        parts.append(k[:, :, nfull * block_size:].float().mean(dim=2, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def topk_block_mask(q: torch.Tensor, k: Optional[torch.Tensor] = None, block_size: int = 64, *, density: float,
@@ -136,7 +134,7 @@ def topk_block_mask(q: torch.Tensor, k: Optional[torch.Tensor] = None, block_siz
     nqb = _nblocks(sq, block_size)
     pq = pool_key_blocks(q, block_size)  # (B, Hq, NQB, D) mean query of each query block
     g = hq // hkv
-    scores = torch.einsum("bkgqd,bknd->bkgqn", pq.view(b, hkv, g, nqb, d), pooled_k.float())
+    scores = (pq.reshape(b, hkv, g * nqb, d) @ pooled_k.float().transpose(-1, -2)).view(b, hkv, g, nqb, nkb)
     if per_kv_head:
         scores = scores.sum(dim=2, keepdim=True).expand(b, hkv, g, nqb, nkb)
     scores = scores.reshape(b, hq, nqb, nkb)
