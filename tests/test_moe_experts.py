@@ -39,8 +39,10 @@ def _maxerr(a, b):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# rows per expert cover the cpu backend's three product paths: <= 4 (dot products), 5..64 (weight-stationary),
+# > 64 (packed GEMM); (70, 5, 4): about 56 per expert, so some experts on either side of 64
 @pytest.mark.parametrize("t,e,k,h,i", [(1, 8, 2, 64, 48), (29, 6, 2, 72, 40), (13, 5, 5, 33, 17),
-                                       (7, 128, 8, 64, 24)])
+                                       (7, 128, 8, 64, 24), (70, 5, 4, 33, 20), (150, 3, 2, 40, 36)])
 def test_experts_and_combine_float(backend, dtype, t, e, k, h, i):
     x = torch.randn(t, h).to(dtype)
     wgu, wd = _weights(e, h, i, dtype)

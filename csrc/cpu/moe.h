@@ -5,7 +5,8 @@
 //   moe_align:   counting sort of the pairs p = t * top_k + slot by expert (stable), offsets [E + 1].
 //   moe_experts: for the pairs of each expert e, y = W_down[e] (silu(g) * u) with [g; u] = W_gate_up[e] x,
 //                written in sorted pair order (row i of `sorted_out` is pair sorted_pair_ids[i]).
-//                Float weights: fp32 GEMM (sgemm.h), tasks (expert, column panel) in two stages.
+//                Float weights: fp32 GEMM (sgemm.h), tasks (expert, column panel) in two stages (one parallel
+//                region; weight-stationary products for experts of 5..64 rows).
 //                Quantized weights: the quantized-linear engine (qlinear.h), tasks (expert, row block).
 //   moe_combine: out[t] = sum_s w[t, s] * rows[pos(t * top_k + s)] (fp32 accumulation).
 // The Python side validates every argument; these functions trust sizes and pointers.

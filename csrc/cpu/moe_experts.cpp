@@ -1,18 +1,22 @@
 // The experts of a mixture-of-experts layer on the CPU, one call for all experts (see moe.h).
 //
-// Rows of the pairs are gathered once in sorted (expert-major) order into fp32, so each expert's rows are
-// one contiguous [n_e, H] block. Then:
-//   float weights:     stage 1 tasks (expert, panel of the intermediate columns): g and u panels by the
-//                      fp32 GEMM, act = silu(g) * u; stage 2 tasks (expert, panel of H): act @ W_down^T into
-//                      the sorted output. Every weight element is read once per call whatever the row count,
-//                      and a decode step (one row per expert) still splits each expert over the threads.
-//   quantized weights: tasks (expert, row block) run gate_up -> SwiGLU -> down through the quantized-linear
-//                      engine with one thread each (the packed layouts cannot be cut into column panels).
-// Tasks are sorted by cost and taken from a shared counter (longest first), so uneven experts balance.
+//   float weights:     stage 1 tasks (expert, panel of the intermediate columns) gather the expert's token rows
+//                      (fp32) and compute act = silu(g) * u for the panel; stage 2 tasks (expert, panel of H):
+//                      act @ W_down^T into the sorted output. Every weight element is read once per call whatever
+//                      the row count, and a decode step (one row per expert) still splits each expert over the
+//                      threads. Per expert, by its row count n: n <= 4 dot products on the weight rows; 5..64
+//                      weight-stationary (W times the transposed rows, no weight packing; the activations stay
+//                      transposed between the stages); more rows the packed GEMM.
+//   quantized weights: rows gathered once in sorted order, then tasks (expert, row block) run gate_up -> SwiGLU
+//                      -> down through the quantized-linear engine with one thread each (the packed layouts
+//                      cannot be cut into column panels).
+// Tasks are sorted by cost and taken from a shared counter (longest first), so uneven experts balance; a stage-2
+// task waits only for its own expert's stage-1 tasks (no barrier between the stages).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -68,41 +72,49 @@ void sort_by_cost(std::vector<Task>& tasks) {
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
 }
 
-// Runs f1 on every task of t1, then (after all of them finished) f2 on every task of t2, on `threads` threads
-// in ONE parallel region: longest task first, taken from shared counters, a yielding barrier between the
-// phases (one wake-up of the workers per call instead of one per phase; on a busy machine each wake-up can
-// cost a scheduler time slice).
+// Runs f1 on every task of t1 and f2 on every task of t2 on `threads` threads in ONE parallel region (one
+// wake-up of the workers per call: on a busy machine each wake-up can cost a scheduler time slice). Tasks are
+// taken longest first from one shared counter, all of t1 before any of t2; a t2 task of expert e waits only
+// for the t1 tasks of the same expert (dep[e] counts them down), never for a whole phase, so a thread that is
+// descheduled or wakes up late does not stall the others.
 template <class F1, class F2>
-void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, const F2& f2, int threads) {
+void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, const F2& f2, int64_t E, int threads) {
   sort_by_cost(t1);
   sort_by_cost(t2);
   const int64_t n1 = static_cast<int64_t>(t1.size()), n2 = static_cast<int64_t>(t2.size());
-  if (threads <= 1 || std::max(n1, n2) <= 1) {
+  if (threads <= 1 || n1 + n2 <= 1) {
     for (auto& t : t1) f1(t);
     for (auto& t : t2) f2(t);
     return;
   }
-  std::atomic<int64_t> next1{0}, next2{0};
-  std::atomic<int> arrived{0};
+  std::unique_ptr<std::atomic<int32_t>[]> dep(new std::atomic<int32_t>[static_cast<size_t>(E)]);
+  for (int64_t e = 0; e < E; ++e) dep[e].store(0, std::memory_order_relaxed);
+  for (const auto& t : t1) dep[t.e].fetch_add(1, std::memory_order_relaxed);
+  std::atomic<int64_t> next{0};
   parallel_for(threads, threads, [&](int64_t, int64_t) {
-    for (int64_t i = next1.fetch_add(1); i < n1; i = next1.fetch_add(1)) f1(t1[i]);
-    if (n2 == 0) return;
-    arrived.fetch_add(1);
-    for (int spins = 0; arrived.load(std::memory_order_acquire) < threads; ++spins) {
-      if (spins < 2000) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();
+    for (int64_t i = next.fetch_add(1); i < n1 + n2; i = next.fetch_add(1)) {
+      if (i < n1) {
+        f1(t1[i]);
+        dep[t1[i].e].fetch_sub(1, std::memory_order_acq_rel);
+        continue;
       }
+      const Task& t = t2[i - n1];
+      for (int spins = 0; dep[t.e].load(std::memory_order_acquire) > 0; ++spins) {
+        if (spins < 4000) {
+          _mm_pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      f2(t);
     }
-    for (int64_t i = next2.fetch_add(1); i < n2; i = next2.fetch_add(1)) f2(t2[i]);
   });
 }
 
 template <class F>
 void run_tasks(std::vector<Task>& tasks, int threads, const F& fn) {
   std::vector<Task> none;
-  run_phases(tasks, fn, none, fn, threads);
+  run_phases(tasks, fn, none, fn, 0, threads);
 }
 
 // Growing per-calling-thread scratch (workers use the caller's buffers through pointers).
@@ -119,7 +131,57 @@ int64_t panel_width(int64_t width, int64_t experts_hit, int64_t avg_rows, int th
   return std::min(w, width);
 }
 
-void float_experts(const MoEExpertsArgs& a, const float* xs, float* act) {
+// The shared GEMM's internal pieces for the active ISA (sgemm.h).
+void strided_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                  int64_t ldc, bool acc) {
+  switch (active_isa()) {
+    case Isa::Avx512Vnni: return avx512::gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, acc, nullptr);
+    case Isa::Avx2: return avx2::gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, acc, nullptr);
+    default: return scalar::gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, acc, nullptr);
+  }
+}
+
+void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  switch (active_isa()) {
+    case Isa::Avx512Vnni: return avx512::transpose(rows, cols, src, lds, dst, ldd);
+    case Isa::Avx2: return avx2::transpose(rows, cols, src, lds, dst, ldd);
+    default: return scalar::transpose(rows, cols, src, lds, dst, ldd);
+  }
+}
+
+// Weight-stationary product for an expert with few rows: C[M x N] = W[M x K] (rows of stride ldw) times
+// Xt[K x N] (the expert's rows transposed, N = its row count), C of stride N. The weight rows are read straight
+// from memory by the micro-kernel (no packing: with ~5-64 rows per expert, packing the weights would cost as
+// much as the product); k is blocked only beyond kWsKc (the Xt block of <= 64 x 1024 floats stays in L2).
+constexpr int64_t kWsMinRows = 5;   // fewer rows: dot products on the weight rows (sgemm_nt)
+constexpr int64_t kWsMaxRows = 64;  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays
+constexpr int64_t kWsKc = 1024;  // (shorter k blocks cut the weight streams short: measured slower)
+void ws_gemm(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* Xt, float* C) {
+  for (int64_t k0 = 0; k0 < K; k0 += kWsKc)
+    strided_gemm(M, N, std::min(kWsKc, K - k0), W + k0, ldw, Xt + k0 * N, N, C, N, k0 > 0);
+}
+inline bool ws_rows(int64_t n) { return n >= kWsMinRows && n <= kWsMaxRows; }
+
+// Rows [row0, row0 + n) of the sorted pairs' tokens, as fp32 rows of H.
+void gather_rows(const MoEExpertsArgs& a, int64_t row0, int64_t n, float* dst) {
+  const int64_t xsz = dsize(a.x_dtype);
+  const char* x = static_cast<const char*>(a.x);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = a.sorted_pair_ids[row0 + i] / a.top_k;
+    to_f32(x + t * a.x_row_stride * xsz, a.x_dtype, a.H, dst + i * a.H);
+  }
+}
+
+template <class T>
+T* grown(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// Float weights. Each stage-1 task gathers its expert's rows itself (no separate gather pass: one parallel
+// region per call). Experts with kWsMinRows..kWsMaxRows rows keep their intermediate activations transposed
+// ([I, n] at act + row0 * I) between the stages; the others row-major ([n, I]).
+void float_experts(const MoEExpertsArgs& a, float* act) {
   const int64_t H = a.H, I = a.I, E = a.E;
   const int32_t* off = a.expert_offsets;
   int64_t hit = 0;
@@ -133,6 +195,14 @@ void float_experts(const MoEExpertsArgs& a, const float* xs, float* act) {
   const bool f32 = a.w_dtype == DType::F32;
   constexpr int64_t kRowChunk = 1024;  // rows per GEMM call (bounds the per-thread scratch)
 
+  // Weight rows [r0, r0 + nr) of a [*, K] matrix starting at src, as fp32 (converted into buf if needed).
+  auto weight_rows = [&](const char* src, int64_t nr, int64_t K, std::vector<float>& buf) -> const float* {
+    if (f32) return reinterpret_cast<const float*>(src);
+    float* b = grown(buf, nr * K);
+    to_f32(src, a.w_dtype, nr * K, b);
+    return b;
+  };
+
   // Stage 1: act[rows of e, j0:j1] = silu(x W_g[j0:j1]^T) * (x W_u[j0:j1]^T)
   std::vector<Task> tasks, tasks2;
   const int64_t jw = panel_width(I, hit, avg_rows, threads);
@@ -143,29 +213,28 @@ void float_experts(const MoEExpertsArgs& a, const float* xs, float* act) {
       tasks.push_back({e, j0, std::min(I, j0 + jw), static_cast<double>(std::min(I, j0 + jw) - j0) * (n + 4)});
   }
   auto stage1 = [&](const Task& t) {
-    thread_local std::vector<float> wbuf, gu;
+    thread_local std::vector<float> wg, wu, gu, xb, xt;
     const int64_t e = t.e, j0 = t.a0, nj = t.a1 - t.a0, row0 = off[e], n = off[e + 1] - off[e];
-    const char* gsrc = wgu + (e * 2 * I + j0) * H * wsz;
-    const char* usrc = wgu + (e * 2 * I + I + j0) * H * wsz;
-    const float *bg, *bu;
-    if (f32) {
-      bg = reinterpret_cast<const float*>(gsrc);
-      bu = reinterpret_cast<const float*>(usrc);
-    } else {
-      wbuf.resize(static_cast<size_t>(2 * nj * H));
-      to_f32(gsrc, a.w_dtype, nj * H, wbuf.data());
-      to_f32(usrc, a.w_dtype, nj * H, wbuf.data() + nj * H);
-      bg = wbuf.data();
-      bu = wbuf.data() + nj * H;
+    const float* bg = weight_rows(wgu + (e * 2 * I + j0) * H * wsz, nj, H, wg);
+    const float* bu = weight_rows(wgu + (e * 2 * I + I + j0) * H * wsz, nj, H, wu);
+    if (ws_rows(n)) {
+      gather_rows(a, row0, n, grown(xb, n * H));
+      transpose_f32(n, H, xb.data(), H, grown(xt, H * n), n);
+      float* g = grown(gu, 2 * nj * n);
+      ws_gemm(nj, n, H, bg, H, xt.data(), g);
+      ws_gemm(nj, n, H, bu, H, xt.data(), g + nj * n);
+      swiglu(g, g + nj * n, act + row0 * I + j0 * n, nj * n);
+      return;
     }
-    gu.resize(static_cast<size_t>(std::min(n, kRowChunk) * 2 * nj));
+    float* g = grown(gu, std::min(n, kRowChunk) * 2 * nj);
     for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
       const int64_t rc = std::min(kRowChunk, n - r0);
-      const float* x = xs + (row0 + r0) * H;
-      sgemm_nt(rc, nj, H, x, H, bg, H, gu.data(), 2 * nj, false);
-      sgemm_nt(rc, nj, H, x, H, bu, H, gu.data() + nj, 2 * nj, false);
+      float* x = grown(xb, rc * H);
+      gather_rows(a, row0 + r0, rc, x);
+      sgemm_nt(rc, nj, H, x, H, bg, H, g, 2 * nj, false);
+      sgemm_nt(rc, nj, H, x, H, bu, H, g + nj, 2 * nj, false);
       for (int64_t r = 0; r < rc; ++r)
-        swiglu(gu.data() + r * 2 * nj, gu.data() + r * 2 * nj + nj, act + (row0 + r0 + r) * I + j0, nj);
+        swiglu(g + r * 2 * nj, g + r * 2 * nj + nj, act + (row0 + r0 + r) * I + j0, nj);
     }
   };
 
@@ -178,23 +247,21 @@ void float_experts(const MoEExpertsArgs& a, const float* xs, float* act) {
       tasks2.push_back({e, h0, std::min(H, h0 + hw), static_cast<double>(std::min(H, h0 + hw) - h0) * (n + 4)});
   }
   auto stage2 = [&](const Task& t) {
-    thread_local std::vector<float> wbuf;
+    thread_local std::vector<float> wbuf, ot;
     const int64_t e = t.e, h0 = t.a0, nh = t.a1 - t.a0, row0 = off[e], n = off[e + 1] - off[e];
-    const char* src = wd + (e * H + h0) * I * wsz;
-    const float* b;
-    if (f32) {
-      b = reinterpret_cast<const float*>(src);
-    } else {
-      wbuf.resize(static_cast<size_t>(nh * I));
-      to_f32(src, a.w_dtype, nh * I, wbuf.data());
-      b = wbuf.data();
+    const float* b = weight_rows(wd + (e * H + h0) * I * wsz, nh, I, wbuf);
+    if (ws_rows(n)) {
+      float* o = grown(ot, nh * n);
+      ws_gemm(nh, n, I, b, I, act + row0 * I, o);
+      transpose_f32(nh, n, o, n, a.sorted_out + row0 * H + h0, H);
+      return;
     }
     for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
       const int64_t rc = std::min(kRowChunk, n - r0);
       sgemm_nt(rc, nh, I, act + (row0 + r0) * I, I, b, I, a.sorted_out + (row0 + r0) * H + h0, H, false);
     }
   };
-  run_phases(tasks, stage1, tasks2, stage2, threads);
+  run_phases(tasks, stage1, tasks2, stage2, E, threads);
 }
 
 QLinearArgs qargs(const MoEQuantWeight& q, int64_t e, const float* x, int64_t M, int64_t K, int64_t N, float* y,
@@ -266,7 +333,9 @@ void grow(std::vector<float>& v, int64_t n) {
 }  // namespace
 
 // Threads only where the call has enough work to pay for waking them (a tiny layer stays on the caller):
-// about 2M multiply-adds, counting a decode step's weight streaming as one row per expert hit.
+// about 2M multiply-adds, counting a decode step's weight streaming as one row per expert hit. (A higher
+// threshold was tried: on a quiet machine a 9M-MAC decode step with L3-resident weights ran 0.8 ms on two
+// threads and 1.4 ms on one; with the other core busy, 2.0-2.5 ms on two.)
 int effective_threads(const MoEExpertsArgs& a) {
   const int32_t* off = a.expert_offsets;
   int64_t hit = 0;
@@ -281,24 +350,17 @@ void moe_experts(const MoEExpertsArgs& args) {
   MoEExpertsArgs a = args;
   a.num_threads = effective_threads(args);
   Scratch& s = scratch();
+  if (a.q_gate_up.bits == 0) {
+    grow(s.act, rows * a.I);
+    float_experts(a, s.act.data());
+    return;
+  }
+  // Quantized: gather the pairs' token rows in sorted order (fp32) for the quantized-linear engine.
   grow(s.xs, rows * a.H);
   float* xs = s.xs.data();
-  // Gather the pairs' token rows in sorted order (fp32).
-  const int64_t xsz = dsize(a.x_dtype);
-  const char* x = static_cast<const char*>(a.x);
   const int gthreads = rows * a.H >= (1 << 16) ? a.num_threads : 1;
-  parallel_for(rows, gthreads, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t t = a.sorted_pair_ids[i] / a.top_k;
-      to_f32(x + t * a.x_row_stride * xsz, a.x_dtype, a.H, xs + i * a.H);
-    }
-  });
-  if (a.q_gate_up.bits != 0) {
-    quant_experts(a, xs);
-  } else {
-    grow(s.act, rows * a.I);
-    float_experts(a, xs, s.act.data());
-  }
+  parallel_for(rows, gthreads, [&](int64_t b, int64_t e) { gather_rows(a, b, e - b, xs + b * a.H); });
+  quant_experts(a, xs);
 }
 
 // Experts into the calling thread's scratch, then combine (see moe.h).
