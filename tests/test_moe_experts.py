@@ -15,6 +15,15 @@ from kernswap.reference.moe import moe_align_ref, moe_combine_ref, moe_experts_r
 BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not HAVE_C, reason=NO_C_REASON))]
 
 
+@pytest.fixture
+def two_threads():
+    """At least two threads, so the cases sized for it run the cpu backend's threaded task scheduler."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(max(n, 2))
+    yield
+    torch.set_num_threads(n)
+
+
 def _ids(t, e, k):
     return torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32)
 
@@ -41,9 +50,11 @@ def _maxerr(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # rows per expert cover the cpu backend's three product paths: <= 4 (dot products), 5..64 (weight-stationary),
 # > 64 (packed GEMM); (70, 5, 4): about 56 per expert, so some experts on either side of 64
+# (200, 6, 2, 128, 96) has enough work (> 2M multiply-adds) for the cpu backend to use its threads
 @pytest.mark.parametrize("t,e,k,h,i", [(1, 8, 2, 64, 48), (29, 6, 2, 72, 40), (13, 5, 5, 33, 17),
-                                       (7, 128, 8, 64, 24), (70, 5, 4, 33, 20), (150, 3, 2, 40, 36)])
-def test_experts_and_combine_float(backend, dtype, t, e, k, h, i):
+                                       (7, 128, 8, 64, 24), (70, 5, 4, 33, 20), (150, 3, 2, 40, 36),
+                                       (200, 6, 2, 128, 96)])
+def test_experts_and_combine_float(backend, dtype, t, e, k, h, i, two_threads):
     x = torch.randn(t, h).to(dtype)
     wgu, wd = _weights(e, h, i, dtype)
     ids = _ids(t, e, k)
@@ -64,8 +75,9 @@ def test_experts_and_combine_float(backend, dtype, t, e, k, h, i):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4-g32", "int4-g64-asym", "w4a8-g32-asym"])
-def test_experts_quantized(backend, fmt):
-    t, e, k, h, i = 23, 6, 2, 128, 64
+@pytest.mark.parametrize("t", [23, 97], ids=["one-thread", "threaded"])  # 97 tokens: > 2M multiply-adds
+def test_experts_quantized(backend, fmt, t, two_threads):
+    e, k, h, i = 6, 2, 128, 64
     cfg = FORMATS[fmt]
     x = torch.randn(t, h)
     wgu, wd = _weights(e, h, i)

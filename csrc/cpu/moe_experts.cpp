@@ -78,7 +78,7 @@ void sort_by_cost(std::vector<Task>& tasks) {
 // for the t1 tasks of the same expert (dep[e] counts them down), never for a whole phase, so a thread that is
 // descheduled or wakes up late does not stall the others.
 template <class F1, class F2>
-void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, const F2& f2, int64_t E, int threads) {
+void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, const F2& f2, int threads) {
   sort_by_cost(t1);
   sort_by_cost(t2);
   const int64_t n1 = static_cast<int64_t>(t1.size()), n2 = static_cast<int64_t>(t2.size());
@@ -87,6 +87,9 @@ void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, cons
     for (auto& t : t2) f2(t);
     return;
   }
+  int64_t E = 0;  // the dependency counters cover every expert id a task names
+  for (const auto* ts : {&t1, &t2})
+    for (const auto& t : *ts) E = std::max<int64_t>(E, t.e + 1);
   std::unique_ptr<std::atomic<int32_t>[]> dep(new std::atomic<int32_t>[static_cast<size_t>(E)]);
   for (int64_t e = 0; e < E; ++e) dep[e].store(0, std::memory_order_relaxed);
   for (const auto& t : t1) dep[t.e].fetch_add(1, std::memory_order_relaxed);
@@ -114,7 +117,7 @@ void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, cons
 template <class F>
 void run_tasks(std::vector<Task>& tasks, int threads, const F& fn) {
   std::vector<Task> none;
-  run_phases(tasks, fn, none, fn, 0, threads);
+  run_phases(tasks, fn, none, fn, threads);
 }
 
 // Growing per-calling-thread scratch (workers use the caller's buffers through pointers).
@@ -154,7 +157,7 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
 // from memory by the micro-kernel (no packing: with ~5-64 rows per expert, packing the weights would cost as
 // much as the product); k is blocked only beyond kWsKc (the Xt block of <= 64 x 1024 floats stays in L2).
 constexpr int64_t kWsMinRows = 5;   // fewer rows: dot products on the weight rows (sgemm_nt)
-constexpr int64_t kWsMaxRows = 64;  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays
+constexpr int64_t kWsMaxRows = 64;  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays
 constexpr int64_t kWsKc = 1024;  // (shorter k blocks cut the weight streams short: measured slower)
 void ws_gemm(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* Xt, float* C) {
   for (int64_t k0 = 0; k0 < K; k0 += kWsKc)
@@ -261,7 +264,7 @@ void float_experts(const MoEExpertsArgs& a, float* act) {
       sgemm_nt(rc, nh, I, act + (row0 + r0) * I, I, b, I, a.sorted_out + (row0 + r0) * H + h0, H, false);
     }
   };
-  run_phases(tasks, stage1, tasks2, stage2, E, threads);
+  run_phases(tasks, stage1, tasks2, stage2, threads);
 }
 
 QLinearArgs qargs(const MoEQuantWeight& q, int64_t e, const float* x, int64_t M, int64_t K, int64_t N, float* y,
