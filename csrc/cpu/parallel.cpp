@@ -30,33 +30,48 @@ class Pool {
     ensure_workers(nthreads - 1);
     fn_ = &fn;
     n_ = n;
-    nparts_ = nthreads;
-    pending_.store(nthreads - 1, std::memory_order_relaxed);
+    nparts_.store(nthreads, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    next_.store(0, std::memory_order_release);  // publishes fn_, n_, nparts_ to whoever takes a part
     {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    run_part(0);
-    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+    take_parts();  // the caller takes parts too: a worker that is not scheduled yet never holds the job up
+    while (done_.load(std::memory_order_acquire) < nthreads) _mm_pause();
+    next_.store(kClosed, std::memory_order_release);  // a worker waking late finds nothing to take
     fn_ = nullptr;
   }
 
  private:
+  static constexpr int kClosed = 1 << 30;
+
+  // Takes parts [0, nparts_) one at a time from the shared counter; each part is the same contiguous range
+  // of [0, n) whoever runs it.
+  void take_parts() {
+    const auto more = [this](int part) { return part < nparts_.load(std::memory_order_relaxed); };
+    for (int part = next_.fetch_add(1, std::memory_order_acq_rel); more(part);
+         part = next_.fetch_add(1, std::memory_order_acq_rel)) {
+      run_part(part);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
   void run_part(int part) {
-    const int64_t b = n_ * part / nparts_, e = n_ * (part + 1) / nparts_;
+    const int np = nparts_.load(std::memory_order_relaxed);
+    const int64_t b = n_ * part / np, e = n_ * (part + 1) / np;
     if (b < e) (*fn_)(b, e);
   }
 
   void ensure_workers(int count) {
     while (static_cast<int>(workers_.size()) < count) {
-      const int part = static_cast<int>(workers_.size()) + 1;
       const uint64_t seen = gen_.load();  // read before this job's generation is published
-      workers_.emplace_back([this, part, seen] { loop(part, seen); });
+      workers_.emplace_back([this, seen] { loop(seen); });
     }
   }
 
-  void loop(int part, uint64_t seen) {
+  void loop(uint64_t seen) {
     for (;;) {
       // Spin for a short while, then sleep until the next job.
       auto t0 = std::chrono::steady_clock::now();
@@ -69,10 +84,7 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      if (fn_ != nullptr && part < nparts_) {
-        run_part(part);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      take_parts();
     }
   }
 
@@ -80,10 +92,10 @@ class Pool {
   std::condition_variable cv_;
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int> next_{kClosed}, done_{0};
   const RangeFn* fn_ = nullptr;
   int64_t n_ = 0;
-  int nparts_ = 1;
+  std::atomic<int> nparts_{1};
   bool stop_ = false;
 };
 

@@ -1,5 +1,7 @@
 // A small persistent thread pool. parallel_for splits [0, n) into `nthreads` contiguous ranges (static
-// partition: each thread streams its own contiguous slice of the weights), the caller runs range 0.
+// partition: each range streams its own contiguous slice of the weights). The caller and the workers take the
+// ranges from a shared counter in order, so a worker that is not scheduled in time (another process, or
+// torch's OpenMP threads still spinning on its core) leaves its range to the caller instead of stalling it.
 // Workers spin briefly after a job (back-to-back layer calls reuse them at once) and then sleep, so they
 // do not steal cores from torch between calls.
 #pragma once
