@@ -78,3 +78,16 @@ def test_ci_build_has_compiled_cpu_module():
     if os.environ.get("KERNSWAP_NO_EXT"):
         pytest.skip("KERNSWAP_NO_EXT set: the fallback path is under test")
     assert _ext.have_cpu_ext(), _ext.cpu_ext_reason()
+
+
+def test_info_lists_attention_and_moe_backends():
+    from kernswap.diagnostics import format_info, info
+
+    d = info()
+    ops = d["op_backends"]
+    assert set(ops) == {"block_sparse_attention", "moe (route/align/experts/combine)"}
+    for o in ops.values():
+        assert o["backends"]["reference"]["available"] is True
+        assert o["auto"]["cpu"][-1] == "reference"
+    assert ops["block_sparse_attention"]["backends"]["cpu"]["available"] == kernswap._ext.have_cpu_ext()
+    assert "block_sparse_attention (auto order" in format_info(d)

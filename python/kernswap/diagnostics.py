@@ -38,6 +38,23 @@ def _cuda() -> Dict[str, Any]:
     return out
 
 
+def _op_backends() -> Dict[str, Dict[str, Any]]:
+    """Per op other than quantized_linear: each backend's availability and the auto order per device."""
+    out: Dict[str, Dict[str, Any]] = {}
+    try:
+        from .ops._moe_common import MOE_TABLE
+        from .ops.block_sparse_attention import TABLE as ATTN_TABLE
+    except Exception as e:  # noqa: BLE001 - diagnostics never fail
+        return {"error": {"reason": f"{type(e).__name__}: {e}"}}
+    for op, table in (("block_sparse_attention", ATTN_TABLE), ("moe (route/align/experts/combine)", MOE_TABLE)):
+        avail = {}
+        for name in list(table.modules) + ["reference"]:
+            ok, reason = table.available(name)
+            avail[name] = {"available": ok, "reason": reason}
+        out[op] = {"backends": avail, "auto": {d: list(o) + ["reference"] for d, o in table.auto.items()}}
+    return out
+
+
 def info() -> Dict[str, Any]:
     """Versions, compiled modules (and why not), CPU ISA, threads, GPU backends, and the auto choices."""
     from . import __version__
@@ -60,6 +77,7 @@ def info() -> Dict[str, Any]:
                 picks[key] = {"backend": pick, "skipped": skipped}
         auto[device] = {"order": list(AUTO_TABLE.get(device, ())) + ["reference"], "quantized_linear": picks}
     return {
+        "op_backends": _op_backends(),
         "kernswap": __version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
@@ -102,4 +120,12 @@ def format_info(d: Dict[str, Any] = None) -> str:
             lines.append(f"    {key:<16} -> {p['backend']}")
             skipped += [s for s in p["skipped"] if s not in skipped]
         lines += [f"    skipped {s}" for s in skipped]
+    for op, o in d.get("op_backends", {}).items():
+        if "backends" not in o:
+            lines.append(f"{op}: {o.get('reason')}")
+            continue
+        order = "; ".join(f"{dev}: {' > '.join(names)}" for dev, names in o["auto"].items())
+        lines.append(f"{op} (auto order {order}):")
+        for name, b in o["backends"].items():
+            lines.append(f"  {name:<10} " + ("available" if b["available"] else f"unavailable: {b['reason']}"))
     return "\n".join(lines)
