@@ -2,8 +2,9 @@
 
 A rule's ``plan(model, family)`` returns a :class:`Plan`: the :class:`Action` s to run (each returns the
 undo records of what it changed), what it skipped and why, and notes. The engine in ``api.py`` runs the
-actions, keeps the records for ``unpatch`` and undoes them all if one fails. Attention and MoE swaps plug
-in as further rules (``AttentionRule`` / ``MoERule``) reading ``FamilySpec.attention`` / ``.moe``.
+actions, keeps the records for ``unpatch`` and undoes them all if one fails. The attention and MoE swaps are
+further rules (``patching/attention.py`` AttentionRule, ``patching/moe.py`` MoERule) reading
+``FamilySpec.attention`` / ``.experts``.
 """
 import dataclasses
 from collections import defaultdict
@@ -14,8 +15,7 @@ from torch import nn
 
 from .families import FamilySpec, match_any
 
-__all__ = ["ModuleSwap", "Action", "Skip", "Plan", "QuantLinearRule", "check_quantizable", "layer_config",
-           "unsupported_rule"]
+__all__ = ["ModuleSwap", "Action", "Skip", "Plan", "QuantLinearRule", "check_quantizable", "layer_config"]
 
 
 @dataclasses.dataclass
@@ -227,11 +227,3 @@ class QuantLinearRule:
 
         return run
 
-
-def unsupported_rule(what: str, value) -> NotImplementedError:
-    """The error for a swap family that is declared in the API but not implemented yet."""
-    return NotImplementedError(
-        f"kernswap.patch: {what}= swaps are not implemented yet in this version (got {what}={value!r}); "
-        f"pass {what}=None. Families already declare their {what} modules "
-        f"(kernswap.patching.families), so the {what} rule plugs in without changes to patch()."
-    )
