@@ -24,6 +24,7 @@
 
 #include "cpu/isa.h"
 #include "cpu/moe.h"
+#include "cpu/moe_gemm.h"
 #include "cpu/parallel.h"
 #include "cpu/sgemm.h"
 
@@ -154,14 +155,22 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
 
 // Weight-stationary product for an expert with few rows: C[M x N] = W[M x K] (rows of stride ldw) times
 // Xt[K x N] (the expert's rows transposed, N = its row count), C of stride N. The weight rows are read straight
-// from memory by the micro-kernel (no packing: with ~5-64 rows per expert, packing the weights would cost as
-// much as the product); k is blocked only beyond kWsKc (the Xt block of <= 64 x 1024 floats stays in L2).
+// from memory by the micro-kernel (AVX-512: one sized for N, moe_gemm.h; otherwise the shared GEMM's) (no
+// packing: with ~5-64 rows per expert, packing the weights would cost as much as the product); k is blocked
+// only beyond kWsKc (the Xt block of <= 64 x 1024 floats stays in L2).
 constexpr int64_t kWsMinRows = 5;   // fewer rows: dot products on the weight rows (sgemm_nt)
 constexpr int64_t kWsMaxRows = 64;  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays
 constexpr int64_t kWsKc = 1024;  // (shorter k blocks cut the weight streams short: measured slower)
 void ws_gemm(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* Xt, float* C) {
-  for (int64_t k0 = 0; k0 < K; k0 += kWsKc)
-    strided_gemm(M, N, std::min(kWsKc, K - k0), W + k0, ldw, Xt + k0 * N, N, C, N, k0 > 0);
+  const bool own_kernel = active_isa() == Isa::Avx512Vnni;
+  for (int64_t k0 = 0; k0 < K; k0 += kWsKc) {
+    const int64_t kc = std::min(kWsKc, K - k0);
+    if (own_kernel) {
+      avx512::moe_ws_gemm(M, N, kc, W + k0, ldw, Xt + k0 * N, C, k0 > 0);
+    } else {
+      strided_gemm(M, N, kc, W + k0, ldw, Xt + k0 * N, N, C, N, k0 > 0);
+    }
+  }
 }
 inline bool ws_rows(int64_t n) { return n >= kWsMinRows && n <= kWsMaxRows; }
 
