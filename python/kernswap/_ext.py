@@ -49,13 +49,13 @@ def have_cpu_ext() -> bool:
     return mod is not None and hasattr(mod, "qlinear")
 
 
-def cpu_ext_reason() -> str:
-    """'' when the CPU module is usable, otherwise why not."""
+def cpu_ext_reason(entry: str = "qlinear") -> str:
+    """'' when the CPU module is usable and has the entry point ``entry`` (an op's kernel), otherwise why not."""
     mod, reason = _get("_C")
     if mod is None:
         return reason
-    if not hasattr(mod, "qlinear"):
-        return "kernswap._C has no 'qlinear' (stale build?)"
+    if not hasattr(mod, entry):
+        return f"kernswap._C has no {entry!r} (stale build?)"
     return ""
 
 

@@ -7,21 +7,17 @@ from typing import Tuple
 import torch
 
 from .. import _ext
+from . import cpu
+from .cpu import DTYPE_CODES
 
 __all__ = ["available", "supports", "block_sparse_attention", "DTYPE_CODES", "HEAD_DIMS"]
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 HEAD_DIMS = (64, 128, 256)
 
 
 def available() -> Tuple[bool, str]:
     """(True, "") when kernswap._C is importable and has block_sparse_attention, else (False, reason)."""
-    reason = _ext.cpu_ext_reason()
-    if reason:
-        return False, reason
-    if not hasattr(_ext.get_C(), "block_sparse_attention"):
-        return False, "kernswap._C has no 'block_sparse_attention' (stale build?)"
-    return True, ""
+    return cpu.available('block_sparse_attention')
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int,
@@ -51,7 +47,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         return out, lse
     C = _ext.get_C()
     if C is None:
-        raise RuntimeError(f"kernswap cpu backend unavailable: {_ext.cpu_ext_reason()}")
+        raise RuntimeError(f"kernswap cpu backend unavailable: {_ext.cpu_ext_reason('block_sparse_attention')}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = block_mask if block_mask.dtype == torch.bool else block_mask.bool()
     mask = mask.contiguous()

@@ -10,9 +10,10 @@ __all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def available() -> Tuple[bool, str]:
-    """(True, "") when kernswap._C is importable and has qlinear, else (False, reason)."""
-    reason = _ext.cpu_ext_reason()
+def available(entry: str = "qlinear") -> Tuple[bool, str]:
+    """(True, "") when kernswap._C is importable and has the kernel ``entry``, else (False, reason). The other CPU
+    backends (attention_cpu, moe_cpu) ask the same question for their own kernel."""
+    reason = _ext.cpu_ext_reason(entry)
     return (not reason, reason)
 
 

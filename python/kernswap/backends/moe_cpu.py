@@ -9,23 +9,20 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
+from . import cpu
+from .cpu import DTYPE_CODES
 from ..formats.experts import QuantizedExperts
 
 __all__ = ["available", "supports", "route", "align", "fused_experts", "experts", "combine", "prepare"]
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SCORING_CODES = {("softmax", "softmax_topk"): 0, ("softmax", "topk_softmax"): 1, ("sigmoid", "softmax_topk"): 2,
                  ("sigmoid", "topk_softmax"): 2}
 _NO_Q = (0, 0, 0, 0, 0, 0, 0, 0, False)
 
 
 def available() -> Tuple[bool, str]:
-    reason = _ext.cpu_ext_reason()
-    if reason:
-        return False, reason
-    if not hasattr(_ext.get_C(), "moe_experts_combine"):
-        return False, "kernswap._C has no 'moe_experts_combine' (stale build?)"
-    return True, ""
+    """(True, "") when kernswap._C is importable and has moe_experts_combine, else (False, reason)."""
+    return cpu.available('moe_experts_combine')
 
 
 def _cpu(*ts) -> bool:
