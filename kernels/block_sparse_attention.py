@@ -25,17 +25,8 @@ from __future__ import annotations
 import math
 from typing import Iterator, NamedTuple, Optional, Tuple
 
-try:  # pragma: no cover - exercised by the environment, not by a test
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR = ""
-except Exception as exc:  # ImportError, or a broken install
-    triton = None
-    tl = None
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from ._triton_common import HAS_TRITON, TRITON_IMPORT_ERROR, AOTVariant, tl, triton  # noqa: F401
+from ._triton_common import PTR_TYPES as _DT
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "HEAD_DIMS", "KernelConfig", "pick_config", "pick_num_splits",
            "launch_block_sparse_attention", "aot_variants"]
@@ -290,17 +281,6 @@ def launch_block_sparse_attention(q, k, v, counts, n_full, indices, block_size: 
     o = torch.einsum("sbhm,sbhmd->bhmd", w, out)
     return o.to(q.dtype), lse_all
 
-
-class AOTVariant(NamedTuple):
-    name: str
-    kernel: object
-    signature: dict
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-
-_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def _configs_for(dt: str, d: int):

@@ -29,17 +29,8 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Optional
 
-try:  # pragma: no cover - exercised by the environment, not by a test
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR = ""
-except Exception as exc:  # ImportError, or a broken install
-    triton = None
-    tl = None
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from ._triton_common import HAS_TRITON, TRITON_IMPORT_ERROR, AOTVariant, tl, triton  # noqa: F401
+from ._triton_common import PTR_TYPES as _DT
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "MoEKernelConfig", "pick_config", "max_padded_pairs",
            "max_row_blocks", "launch_fused_experts", "aot_variants"]
@@ -245,17 +236,6 @@ def launch_fused_experts(hidden2d, topk_weights, topk_ids, sorted_pair_ids, expe
         pair_out, topk_ids, out, top_k, E, H, pair_out.stride(0), out.stride(0), BLOCK=COMBINE_BLOCK)
     return out
 
-
-class AOTVariant(NamedTuple):
-    name: str
-    kernel: object
-    signature: dict
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-
-_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def aot_variants(dtypes=("fp16", "bf16", "fp32")) -> Iterator[AOTVariant]:

@@ -22,17 +22,8 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Optional
 
-try:  # pragma: no cover - exercised by the environment, not by a test
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    TRITON_IMPORT_ERROR = ""
-except Exception as exc:  # ImportError, or a broken install
-    triton = None
-    tl = None
-    HAS_TRITON = False
-    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from ._triton_common import HAS_TRITON, TRITON_IMPORT_ERROR, AOTVariant, tl, triton  # noqa: F401
+from ._triton_common import PTR_TYPES as _DT
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "KernelConfig", "pick_config", "launch_quantized_linear",
            "aot_variants"]
@@ -214,17 +205,6 @@ def launch_quantized_linear(x2d, packed, scale, zero, bias, bits: int, group_siz
     )
     return y
 
-
-class AOTVariant(NamedTuple):
-    name: str
-    kernel: object
-    signature: dict
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-
-_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def aot_variants(dtypes=("fp16", "bf16", "fp32")) -> Iterator[AOTVariant]:

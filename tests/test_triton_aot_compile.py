@@ -1,9 +1,9 @@
 """Ahead-of-time compile of every Triton kernel variant the triton backend launches, for sm_90 and sm_80,
 down to cubin, without a GPU (triton.compiler.ASTSource + triton.compile(target=GPUTarget(...))).
 
-Every kernels/*.py that defines ``aot_variants()`` takes part. Each is loaded as a private copy decorated with
-TRITON_INTERPRET unset (the interpreter tests may have set it) and compiled with a fresh Triton cache directory,
-so every variant is really compiled.
+Every kernels/*.py that defines ``aot_variants()`` takes part. Each is loaded as a private copy inside the
+kernswap.kernels package (its relative imports resolve), decorated with TRITON_INTERPRET unset (the interpreter
+tests may have set it), and compiled with a fresh Triton cache directory, so every variant is really compiled.
 """
 import importlib.util
 import os
@@ -28,7 +28,10 @@ def _module(stem="quantized_linear"):
     if stem not in _MODS:
         saved = os.environ.pop("TRITON_INTERPRET", None)
         try:
-            spec = importlib.util.spec_from_file_location(f"_kernswap_aot_{stem}", KERNEL_DIR / f"{stem}.py")
+            from kernswap import _kernels
+
+            _kernels.load("_triton_common")  # the package the private copy imports its shared pieces from
+            spec = importlib.util.spec_from_file_location(f"kernswap.kernels._aot_{stem}", KERNEL_DIR / f"{stem}.py")
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         finally:
