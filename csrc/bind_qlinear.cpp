@@ -34,7 +34,24 @@ void qlinear_py(uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t x_row_st
   qlinear(a);
 }
 
+void qdequant_py(uintptr_t packed, int bits, int64_t group_size, int64_t N, int64_t K, uintptr_t scale, uintptr_t zero,
+                 int64_t n0, int64_t n1, uintptr_t out, int64_t ld, int num_threads) {
+  if (bits != 8 && bits != 4) throw std::invalid_argument("qdequant: bits must be 8 or 4");
+  if (K <= 0 || N <= 0 || ld < K) throw std::invalid_argument("qdequant: sizes must be positive and ld >= K");
+  if (n0 < 0 || n1 > N || n0 > n1) throw std::invalid_argument("qdequant: rows must satisfy 0 <= n0 <= n1 <= N");
+  if (bits == 4 && (group_size <= 0 || group_size % 32 != 0 || K % group_size != 0))
+    throw std::invalid_argument("qdequant: int4 needs group_size % 32 == 0 and K % group_size == 0");
+  if (!packed || !scale || !out) throw std::invalid_argument("qdequant: null pointer");
+  QDequantArgs a{ptr_of<const uint8_t>(packed), bits, group_size, N, K, ptr_of<const float>(scale),
+                 ptr_of<const uint8_t>(zero), n0, n1, ptr_of<float>(out), ld, num_threads < 1 ? 1 : num_threads};
+  py::gil_scoped_release release;
+  qdequant(a);
+}
+
 void bind(py::module_& m) {
+  m.def("qdequant", &qdequant_py, py::arg("packed_ptr"), py::arg("bits"), py::arg("group_size"), py::arg("N"),
+        py::arg("K"), py::arg("scale_ptr"), py::arg("zero_ptr"), py::arg("n0"), py::arg("n1"), py::arg("out_ptr"),
+        py::arg("ld"), py::arg("num_threads"));
   m.def("qlinear", &qlinear_py, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("x_row_stride"), py::arg("packed_ptr"), py::arg("bits"), py::arg("group_size"), py::arg("N"),
         py::arg("scale_ptr"), py::arg("zero_ptr"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("y_dtype"),

@@ -13,5 +13,13 @@ void qlinear(const QLinearArgs& args) {
   }
 }
 
+void qdequant(const QDequantArgs& args) {
+  switch (active_isa()) {
+    case Isa::Avx512Vnni: return avx512::qdequant(args);
+    case Isa::Avx2: return avx2::qdequant(args);
+    default: return scalar::qdequant(args);
+  }
+}
+
 }  // namespace cpu
 }  // namespace kernswap

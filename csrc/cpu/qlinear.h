@@ -34,13 +34,28 @@ struct QLinearArgs {
   int num_threads;
 };
 
-// Entry point: picks the ISA implementation (active_isa()).
+// Rows [n0, n1) of a packed weight (same layouts and fields as QLinearArgs) dequantized to fp32:
+// out[(n - n0) * ld + k] = (q - zero) * scale, k < K.
+struct QDequantArgs {
+  const uint8_t* packed;
+  int bits;
+  int64_t group_size, N, K;
+  const float* scale;
+  const uint8_t* zero;
+  int64_t n0, n1;
+  float* out;
+  int64_t ld;
+  int num_threads;
+};
+
+// Entry points: pick the ISA implementation (active_isa()).
 void qlinear(const QLinearArgs& args);
+void qdequant(const QDequantArgs& args);
 
 // Per-ISA implementations (each in its own translation unit).
-namespace scalar { void qlinear(const QLinearArgs& args); }
-namespace avx2 { void qlinear(const QLinearArgs& args); }
-namespace avx512 { void qlinear(const QLinearArgs& args); }
+namespace scalar { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx2 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx512 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
 
 }  // namespace cpu
 }  // namespace kernswap

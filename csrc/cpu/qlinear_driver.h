@@ -2,6 +2,13 @@
 // (weight block x row block) tasks over the threads. Each TU defines `compute_block` before including.
 #pragma once
 #include "cpu/qlinear_common.h"
+#include "cpu/qlinear_dequant.h"
+
+// Bytes of packed weights per task's weight block (kept cached while the row blocks pass); a TU may set it
+// to its machines' L2 size before including this file.
+#ifndef KS_QL_BLOCK_BYTES
+#define KS_QL_BLOCK_BYTES (1 << 20)
+#endif
 
 namespace kernswap {
 namespace cpu {
@@ -14,8 +21,8 @@ inline void run_qlinear(const QLinearArgs& a) {
   Acts& acts = scratch;              // workers must see the caller's buffers, not their own thread_local
   prepare_acts(p, a, acts);
 
-  // Weight block: about 1 MiB of packed weights (stays in L2 while the row blocks stream past it).
-  int64_t nb = std::max<int64_t>(1, std::min<int64_t>(32, (int64_t{1} << 20) / p.tile_bytes));
+  // Weight block: KS_QL_BLOCK_BYTES of packed weights (stays in L2 while the row blocks stream past it).
+  int64_t nb = std::max<int64_t>(1, std::min<int64_t>(32, int64_t{KS_QL_BLOCK_BYTES} / p.tile_bytes));
   // Threads only where each gets enough work to pay for waking it (~8M digit-MACs: waking a sleeping worker costs tens of microseconds).
   const double work = static_cast<double>(p.M) * p.Np * p.kpad * p.ndig;
   const int threads = static_cast<int>(std::max<double>(1, std::min<double>(a.num_threads, work / (1 << 23))));
@@ -32,6 +39,7 @@ inline void run_qlinear(const QLinearArgs& a) {
 }
 
 void qlinear(const QLinearArgs& a) { run_qlinear(a); }
+void qdequant(const QDequantArgs& a) { run_qdequant(a); }
 
 }  // namespace KS_ISA_NS
 }  // namespace cpu

@@ -10,7 +10,7 @@ from types import ModuleType
 from typing import List, Optional, Tuple
 
 __all__ = [
-    "get_C", "have_cpu_ext", "cpu_ext_reason", "cpu_isa", "supported_isas",
+    "get_C", "have_cpu_ext", "cpu_ext_reason", "cpu_isa", "op_isa", "supported_isas",
     "get_C_cuda", "have_cuda_ext", "cuda_ext_reason", "reload",
 ]
 
@@ -65,6 +65,16 @@ def cpu_isa() -> Optional[str]:
     if mod is None or not hasattr(mod, "cpu_isa"):
         return None
     return str(mod.cpu_isa())
+
+
+def op_isa(op: str) -> Optional[str]:
+    """The tier the CPU module runs op ``op`` with (the registry's choice), None without the module."""
+    mod = get_C()
+    if mod is None:
+        return None
+    if hasattr(mod, "op_isa"):
+        return str(mod.op_isa(op))
+    return cpu_isa()
 
 
 def supported_isas() -> List[str]:

@@ -9,6 +9,22 @@ __all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES"
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+# Weight-only formats: from this many rows on, the runner dequantizes panels of the weight (kernswap._C.qdequant)
+# and runs torch's fp32 GEMM on them instead of the integer engine, whose three activation digits per value cost
+# three times the products. Per kernel tier of the quantized-linear op, per weight bits; None: never (the AVX-512
+# VNNI engine stays faster than the fp32 GEMM at every M). Measured with bench/bench_quantized_linear.py
+# (4096 x 4096 and the SmolLM2 widths, 2 threads): AVX2 int8 crosses at ~8 rows, int4 at ~16.
+DENSE_FROM_ROWS = {"avx512_vnni": {8: None, 4: None}, "avx2": {8: 8, 4: 16}, "scalar": {8: 1, 4: 1}}
+# fp32 bytes of one dequantized panel (kept in the last-level cache while the GEMM reads it)
+_PANEL_BYTES = 4 << 20
+
+
+def dense_from_rows(bits: int, isa: Optional[str] = None) -> Optional[int]:
+    """Rows from which a weight-only call on tier ``isa`` (default: the qlinear tier in use) runs dequantized
+    panels through torch's fp32 GEMM; None when it never does."""
+    isa = isa or _ext.op_isa("qlinear") or "scalar"
+    return DENSE_FROM_ROWS.get(isa, DENSE_FROM_ROWS["avx2"])[bits]
+
 
 def available(entry: str = "qlinear") -> Tuple[bool, str]:
     """(True, "") when kernswap._C is importable and has the kernel ``entry``, else (False, reason). The other CPU
@@ -49,9 +65,30 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
     ptrs = (packed.data_ptr(), int(bits), int(group_size), int(out_features), scale.data_ptr(),
             0 if zero is None else zero.data_ptr(), 0 if bias is None else bias.data_ptr())
     qlinear, codes, k, n, dyn = C.qlinear, DTYPE_CODES, int(in_features), int(out_features), bool(dynamic_act)
+    panel = max(16, min((n + 15) // 16 * 16, _PANEL_BYTES // (4 * k) // 16 * 16))
+    deq = (C.qdequant, ptrs[0], int(bits), int(group_size), n, k, ptrs[4], ptrs[5])
+
+    def dense(x2d: torch.Tensor) -> torch.Tensor:
+        """fp32 GEMM on dequantized panels of at most `panel` weight rows."""
+        xf = x2d.to(torch.float32)
+        buf = torch.empty(min(panel, n), k)
+        y = torch.empty(x2d.shape[0], n)
+        for n0 in range(0, n, panel):
+            n1 = min(n, n0 + panel)
+            deq[0](*deq[1:], n0, n1, buf.data_ptr(), k, torch.get_num_threads())
+            w = buf[:n1 - n0].t()
+            if n1 - n0 == n:
+                torch.mm(xf, w, out=y) if bias is None else torch.addmm(bias, xf, w, out=y)
+            else:
+                y[:, n0:n1] = torch.mm(xf, w) if bias is None else torch.addmm(bias[n0:n1], xf, w)
+        return y if x2d.dtype == torch.float32 else y.to(x2d.dtype)
 
     def run(x2d: torch.Tensor) -> torch.Tensor:
         m = x2d.shape[0]
+        if not dyn and m > 1:
+            rows = dense_from_rows(bits)
+            if rows is not None and m >= rows:
+                return dense(x2d)
         y = torch.empty(m, n, dtype=x2d.dtype)
         if m == 0:
             return y
