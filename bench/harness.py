@@ -53,6 +53,8 @@ class Context:
     bandwidth: Optional[Dict[str, Any]] = None  # filled by measure_bandwidth
     meta: Dict[str, Any] = dataclasses.field(default_factory=dict)
     verbose: bool = True
+    forced_isa: Optional[str] = None  # --isa: the tier kernswap and torch were forced to (None: each picks its best)
+    torch_isa_env: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def dram_gbps(self) -> Optional[float]:
@@ -185,6 +187,8 @@ def make_context(threads: int = 2, quick: bool = False, full: bool = False, **kw
         "loadavg_start": _loadavg(),
         "quick": quick,
         "full": full,
+        "forced_isa": ctx.forced_isa,
+        "torch_isa_env": ctx.torch_isa_env,
         "cold_bytes_min": int(ctx.cold_factor * ctx.l3_bytes),
     }
     return ctx
@@ -327,7 +331,8 @@ def base_row(ctx: Context, op: str, impl: Impl, case: Case) -> Dict[str, Any]:
                 "gops": None, "note": "",
                 "device": "{cpu}, {cores} cores, {threads} threads".format(**ctx.meta["device"]),
                 "kernswap": ctx.meta["kernswap"], "torch": ctx.meta["torch"],
-                "git_sha": ctx.meta["git_sha"]})
+                "git_sha": ctx.meta["git_sha"], "isa": ctx.meta["kernswap_cpu_backend"],
+                "forced_isa": ctx.forced_isa})
     return row
 
 

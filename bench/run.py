@@ -28,6 +28,10 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import isa_env  # noqa: E402  (no torch import: it sets torch's ISA variables before torch is imported)
+
+FORCED_ISA = isa_env.forced_from_argv(sys.argv[1:])
+TORCH_ISA_ENV = isa_env.apply_env(FORCED_ISA)
 try:  # the installed package (with its compiled module) wins; the source tree is only a fallback
     import kernswap  # noqa: F401
 except ImportError:
@@ -69,6 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     p.add_argument("--self-check", action="store_true", help="run the harness and suite self-checks and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-row progress on stderr")
+    p.add_argument("--isa", default=None, choices=sorted(isa_env.TORCH_ENV),
+                   help="force one CPU tier: kernswap's kernels (kernswap._C.set_isa) and torch's baselines "
+                        "(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS); recorded in every row")
     a = p.parse_args(argv)
     names = a.only or sorted(n for n, m in suites.items() if a.all or in_default_run(m))
 
@@ -82,7 +89,8 @@ def main(argv=None) -> int:
         print(f"self-check passed in {time.perf_counter() - t0:.1f} s")
         return 0
 
-    kw = {}
+    isa_env.apply_kernswap(a.isa)
+    kw = {"forced_isa": a.isa, "torch_isa_env": TORCH_ISA_ENV}
     if a.l3_mib:
         kw["l3_bytes"] = int(a.l3_mib * 2**20)
     ctx = H.make_context(threads=a.threads, quick=a.quick, full=a.full, verbose=not a.quiet, **kw)
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
         ctx.max_time = a.max_time
     out_dir = a.out or (os.path.join(tempfile.gettempdir(), "kernswap-bench-quick") if a.quick
                         else os.path.join(HERE, "results"))
-    machine = a.machine or H.machine_name(ctx)
+    machine = a.machine or H.machine_name(ctx) + (f"-{a.isa}" if a.isa else "")
     dev = ctx.meta["device"]
     print(f"kernswap {ctx.meta['kernswap']} ({ctx.meta['kernswap_cpu_backend']}), torch {ctx.meta['torch']}, "
           f"git {ctx.meta['git_sha']}")

@@ -12,9 +12,10 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Weight-only formats: from this many rows on, the runner dequantizes panels of the weight (kernswap._C.qdequant)
 # and runs torch's fp32 GEMM on them instead of the integer engine, whose three activation digits per value cost
 # three times the products. Per kernel tier of the quantized-linear op, per weight bits; None: never (the AVX-512
-# VNNI engine stays faster than the fp32 GEMM at every M). Measured with bench/bench_quantized_linear.py
-# (4096 x 4096 and the SmolLM2 widths, 2 threads): AVX2 int8 crosses at ~8 rows, int4 at ~16.
-DENSE_FROM_ROWS = {"avx512_vnni": {8: None, 4: None}, "avx2": {8: 8, 4: 16}, "scalar": {8: 1, 4: 1}}
+# VNNI engine stays faster than the fp32 GEMM at every M). Measured on an AVX2 EPYC, one thread, engine vs
+# dequantized panels: int8 crosses at 8-16 rows (16 for 4096 x 4096, ~12 for the 576-1536 wide SmolLM2 layers),
+# int4 at 16-32; the scalar engine (plain loops) loses from 2 rows on but wins at 1 (no panel to dequantize).
+DENSE_FROM_ROWS = {"avx512_vnni": {8: None, 4: None}, "avx2": {8: 12, 4: 24}, "scalar": {8: 2, 4: 2}}
 # fp32 bytes of one dequantized panel (kept in the last-level cache while the GEMM reads it)
 _PANEL_BYTES = 4 << 20
 
