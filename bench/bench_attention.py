@@ -1,6 +1,7 @@
 """Block-sparse attention (issue 4): kernswap.ops.block_sparse_attention against torch's dense SDPA.
 
-    python bench/run.py --only attention           # default grid (~10 min on the 2-core reference CPU)
+    python bench/run.py --only attention           # default grid: S 1k/4k prefill, 4k/16k decode (a few minutes)
+    python bench/run.py --only attention --full    # + S 16k prefill, 64k decode and the SmolLM2 perplexity rows
     python bench/run.py --only attention --quick   # tiny shapes, seconds (numbers meaningless)
     python bench/bench_attention.py --quality      # + SmolLM2-135M perplexity at 2,048 tokens, dense vs sparse
 
@@ -40,6 +41,9 @@ F32, BF16 = torch.float32, torch.bfloat16
 def grid(ctx: H.Context) -> Dict[str, Any]:
     if ctx.quick:
         return dict(heads=(4, 2, 64), prefill=[256], decode=[1024], dtypes=[F32], rounds=2, densities=(0.25, 1.0))
+    if not ctx.full:  # the main job stays near 10 minutes on a 2-core machine: 16k prefill and 64k decode in --full
+        return dict(heads=(32, 8, 128), prefill=[1024, 4096], decode=[4096, 16384], dtypes=[F32, BF16], rounds=5,
+                    densities=DENSITIES)
     return dict(heads=(32, 8, 128), prefill=[1024, 4096, 16384], decode=[4096, 16384, 65536],
                 dtypes=[F32, BF16], rounds=5, densities=DENSITIES)
 
@@ -231,7 +235,7 @@ def run(ctx: H.Context, with_quality: Optional[bool] = None) -> Tuple[List[Dict[
     g = grid(ctx)
     with torch.inference_mode():
         rows = prefill(ctx, g) + decode(ctx, g)
-    if with_quality if with_quality is not None else not ctx.quick:
+    if with_quality if with_quality is not None else ctx.full:  # SmolLM2 perplexity rows: --full (or --quality)
         from kernswap.testing import SkipReason
 
         try:

@@ -41,10 +41,14 @@ VARIANTS: Dict[str, Any] = {  # name -> patch(quant=...) argument (None: the unp
 QUALITY = ("fp32", "int8", "w8a8", "int4", "w4a8", "int4-g32-asym")  # bf16 is a speed baseline only
 
 
-def _settings(quick: bool) -> Dict[str, int]:
+def _settings(quick: bool, full: bool = False) -> Dict[str, int]:
+    """--quick: a smoke run; default: 2,048 perplexity tokens and 64 new tokens (keeps the main job near 10
+    minutes on a 2-core machine); --full: the 8,192 tokens and 128 new tokens of the committed results."""
     if quick:
         return dict(tokens=128, window=128, prefill=128, prompt=16, new_tokens=8, repeats=1)
-    return dict(tokens=8192, window=512, prefill=512, prompt=32, new_tokens=128, repeats=3)
+    if full:
+        return dict(tokens=8192, window=512, prefill=512, prompt=32, new_tokens=128, repeats=3)
+    return dict(tokens=2048, window=512, prefill=512, prompt=32, new_tokens=64, repeats=3)
 
 
 def _quant_arg(spec):
@@ -123,7 +127,7 @@ def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     from kernswap.testing import SkipReason, lee_corpus_text, load_smollm2, load_smollm2_tokenizer
 
     torch.set_num_threads(ctx.threads)
-    s = _settings(ctx.quick)
+    s = _settings(ctx.quick, ctx.full)
     try:
         base = load_smollm2()
         ids = load_smollm2_tokenizer()(lee_corpus_text(), return_tensors="pt").input_ids[:, :s["tokens"]]
@@ -140,7 +144,8 @@ def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
         row = {"op": "e2e", "model": "SmolLM2-135M-Instruct", "variant": name, **info[name], **sp,
                **({k: q[name][k] for k in ("ppl", "kl")} if name in q else {}),
                "tokens": q["fp32"]["tokens"], "window": s["window"], "new_tokens": s["new_tokens"],
-               "threads": ctx.threads, "device": ctx.meta.get("device", {}).get("cpu")}
+               "threads": ctx.threads, "device": ctx.meta.get("device", {}).get("cpu"),
+               "isa": ctx.meta.get("kernswap_cpu_backend"), "forced_isa": ctx.forced_isa}
         rows.append(row)
     fp = rows[0]
     for r in rows:
@@ -163,10 +168,12 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     def speedup(name, variant, key, need):
         return H.target(name, by.get(variant, {}).get(key), need, f"{variant} vs fp32")
 
+    # speed targets of the AVX-512 VNNI machine (issue 3) and of every other tier (issue 13: >= 1.3x)
+    vnni = "avx512_vnni" in str(rows[0].get("isa", "")) if rows else False
     return [at_most("int8 quality", "int8", 0.3), at_most("w8a8 quality", "w8a8", 1.5),
-            speedup("int4 decode", "int4", "decode_speedup", 2.0),
-            speedup("int8 decode", "int8", "decode_speedup", 1.5),
-            speedup("w8a8 prefill", "w8a8", "prefill_speedup", 2.0)]
+            speedup("int4 decode", "int4", "decode_speedup", 2.0 if vnni else 1.3),
+            speedup("int8 decode", "int8", "decode_speedup", 1.5 if vnni else 1.3),
+            speedup("w8a8 prefill", "w8a8", "prefill_speedup", 2.0 if vnni else 1.3)]
 
 
 def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: Any = None) -> None:

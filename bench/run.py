@@ -1,8 +1,9 @@
-"""kernswap benchmarks, the main job: every op suite (bench/bench_*.py) with its default grid.
-The end-to-end suite (bench_e2e.py) is kept out of the default run: --all or --only e2e.
+"""kernswap benchmarks, the main job: every suite (bench/bench_*.py, end to end included) with its default grid,
+sized to finish in about 10 minutes on a 2-core machine of either CPU tier.
 
-    python bench/run.py                      # default grids (~5 min on the 2-core reference CPU)
-    python bench/run.py --full               # full grids
+    python bench/run.py                      # default grids (~10 min on 2 cores)
+    python bench/run.py --full               # full grids (16k-token attention, 8,192-token perplexity, ...)
+    python bench/run.py --isa avx2           # force kernswap's and torch's CPU tier (measure a lower tier)
     python bench/run.py --only quantized_linear
     python bench/run.py --all                # also suites outside the default run (e2e: ~20 min)
     python bench/run.py --quick              # tiny shapes, seconds: smoke test, numbers meaningless
@@ -39,8 +40,8 @@ except ImportError:
 import harness as H  # noqa: E402
 
 
-# Every suite is part of the main job (the microbenchmarks take about 4 minutes, the end-to-end model suite
-# about 12 more); `--only NAME` runs one. A suite can opt out itself with `IN_DEFAULT_RUN = False`.
+# Every suite is part of the main job; `--only NAME` runs one. A suite can opt out itself with
+# `IN_DEFAULT_RUN = False`.
 NOT_IN_DEFAULT_RUN = set()
 
 
