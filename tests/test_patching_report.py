@@ -144,3 +144,20 @@ def test_progress_bar(capfd):
     model = tiny_model("llama")
     kernswap.patch(model, quant="int8", progress=False)
     assert "kernswap" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "w8a8"])
+def test_report_names_cpu_tier(quant):
+    """patch() says which CPU tier the quantized layers run with and where auto hands a shape class to torch's
+    GEMM on dequantized panels (weight-only formats on tiers whose integer engine loses there)."""
+    from kernswap import _ext
+    from kernswap.backends import cpu as cpu_backend
+
+    if not _ext.have_cpu_ext():
+        pytest.skip(_ext.cpu_ext_reason())
+    report = kernswap.patch(tiny_model("llama"), quant=quant, progress=False)
+    tier = _ext.op_isa("qlinear")
+    notes = [n for n in report.notes if "CPU kernels" in n]
+    assert len(notes) == 1 and f"kernswap's {tier} CPU kernels" in notes[0], report.notes
+    rows = None if quant == "w8a8" else cpu_backend.dense_from_rows(8 if quant == "int8" else 4)
+    assert (f">= {rows} rows run torch's fp32 GEMM" in notes[0]) == (rows is not None), notes[0]

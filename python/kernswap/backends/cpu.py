@@ -5,7 +5,7 @@ import torch
 
 from .. import _ext
 
-__all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES"]
+__all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES", "dense_from_rows", "tier_note"]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -32,6 +32,20 @@ def available(entry: str = "qlinear") -> Tuple[bool, str]:
     backends (attention_cpu, moe_cpu) ask the same question for their own kernel."""
     reason = _ext.cpu_ext_reason(entry)
     return (not reason, reason)
+
+
+def tier_note(bits: int, dynamic_act: bool) -> Optional[str]:
+    """What `auto` does on this CPU for a format, for patch()'s report (None without the compiled module)."""
+    isa = _ext.op_isa("qlinear")
+    if isa is None:
+        return None
+    fmt = f"{'w' if dynamic_act else 'int'}{bits}{'a8' if dynamic_act else ''}"
+    note = f"quantized linear ({fmt}) runs kernswap's {isa} CPU kernels (best tier here: {_ext.cpu_isa()})"
+    rows = None if dynamic_act else dense_from_rows(bits, isa)
+    if rows is not None:
+        note += (f"; calls with >= {rows} rows run torch's fp32 GEMM on weight panels dequantized by kernswap, "
+                 f"faster on this tier than the integer engine (whose weight-only form does 3x the products)")
+    return note
 
 
 def supports(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -> bool:

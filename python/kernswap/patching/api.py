@@ -164,6 +164,16 @@ def _describe(request: Dict[str, Any]) -> str:
         f", skip={request.get('skip')}"
 
 
+def _tier_notes(cfg: Optional[QuantConfig]) -> List[str]:
+    """The CPU tier the quantized layers will run with, and where `auto` hands a shape class to torch's GEMM."""
+    if cfg is None or cfg.backend.value not in ("auto", "cpu"):
+        return []
+    from ..backends.cpu import tier_note
+
+    note = tier_note(cfg.weight_bits, cfg.dynamic_activations)
+    return [note] if note else []
+
+
 def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: FamilySpec, *,
                 progress: bool = True, keep_originals: bool = True, restorable: bool = True,
                 desc: str = "kernswap: quantizing") -> PatchReport:
@@ -180,6 +190,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
                    "moe": _name(request.get("moe"))},
         notes=list(family.notes) + plan.notes,
     )
+    report.notes += _tier_notes(request.get("quant"))
     report.memory_before = module_memory(model)
     records: List[Any] = []
     try:
