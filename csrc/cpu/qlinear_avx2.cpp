@@ -201,7 +201,7 @@ inline void dequant_tile(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r
 inline void compute_block(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, int64_t mc, int64_t t0,
                           int64_t tc) {
   if (p.bits == 8) {
-    if (p.ndig == 1) return block<8, 1, 4>(p, a, acts, m0, mc, t0, tc);
+    if (p.ndig == 1) return block<8, 1, 6>(p, a, acts, m0, mc, t0, tc);
     return block<8, 3, 1>(p, a, acts, m0, mc, t0, tc);
   }
   if (p.ndig == 1) return block<4, 1, 4>(p, a, acts, m0, mc, t0, tc);
