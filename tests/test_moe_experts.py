@@ -51,9 +51,11 @@ def _maxerr(a, b):
 # rows per expert cover the cpu backend's three product paths: <= 4 (dot products), 5..64 (weight-stationary),
 # > 64 (packed GEMM); (70, 5, 4): about 56 per expert, so some experts on either side of 64
 # (200, 6, 2, 128, 96) has enough work (> 2M multiply-adds) for the cpu backend to use its threads
+# top-2 of 2 experts: every expert gets exactly t rows (9, 24, 30, 37: the vector tails of the AVX2 column slices)
 @pytest.mark.parametrize("t,e,k,h,i", [(1, 8, 2, 64, 48), (29, 6, 2, 72, 40), (13, 5, 5, 33, 17),
                                        (7, 128, 8, 64, 24), (70, 5, 4, 33, 20), (150, 3, 2, 40, 36),
-                                       (200, 6, 2, 128, 96)])
+                                       (200, 6, 2, 128, 96), (9, 2, 2, 40, 36), (24, 2, 2, 40, 20),
+                                       (30, 2, 2, 36, 28), (37, 2, 2, 33, 44)])
 def test_experts_and_combine_float(backend, dtype, t, e, k, h, i, two_threads):
     x = torch.randn(t, h).to(dtype)
     wgu, wd = _weights(e, h, i, dtype)
@@ -71,6 +73,22 @@ def test_experts_and_combine_float(backend, dtype, t, e, k, h, i, two_threads):
     exact_out = (exact.view(t, k, h) * w.double()[..., None]).sum(1)
     assert out.dtype == dtype
     assert _maxerr(out, exact_out) <= 2 * _maxerr(out_ref, exact_out) + 1e-6 * exact_out.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_float_saturating_gate(backend):
+    """Gate values far into both tails of silu (|g| up to ~300): the vectorised exp overflows to inf / underflows
+    to 0 exactly like the reference (silu(g) -> 0 or g), odd intermediate size for the SwiGLU vector tail."""
+    t, e, k, h, i = 12, 3, 2, 32, 21
+    x = torch.randn(t, h) * 40
+    wgu, wd = _weights(e, h, i)
+    ids = _ids(t, e, k)
+    s, o = moe_align(ids, e)
+    pair = moe_experts(x, s, o, wgu, wd, k, backend=backend)
+    ref = moe_experts_ref(x, s, o, wgu, wd, k)
+    exact = _pairs64(x, ids, wgu, wd)
+    assert torch.isfinite(pair).all()
+    assert _maxerr(pair, exact) <= 2 * _maxerr(ref, exact) + 1e-6 * exact.abs().max().item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

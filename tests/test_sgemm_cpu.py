@@ -11,9 +11,11 @@ from kernswap import _ext
 pytestmark = pytest.mark.skipif(not HAVE_C, reason=NO_C_REASON)
 
 # (M, N, K): empty, tiny, micro-tile edges (6 rows x 64 columns), the dot-product path (M <= 4), the packed paths
-# (M > 12; A copied when N > 128), several k blocks (K > 256).
+# (M > 12; A copied when N > 128), several k blocks (K > 256), every AVX2 column tail of a 16-column slice
+# (1-7, 8, 9-15 columns left: one masked, one full, one full + one masked 8-lane vector) and k tails of 8.
 SHAPES = [(0, 5, 7), (5, 0, 7), (3, 5, 0), (13, 9, 0), (1, 1, 1), (4, 67, 33), (5, 7, 3), (6, 64, 16), (13, 65, 129),
-          (7, 130, 257), (37, 200, 300), (100, 33, 513), (31, 129, 17)]
+          (7, 130, 257), (37, 200, 300), (100, 33, 513), (31, 129, 17), (14, 76, 40), (20, 48, 9), (3, 13, 15),
+          (17, 24, 8)]
 
 
 def _operands(M, N, K, transposed_b):

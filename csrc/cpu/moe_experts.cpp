@@ -61,6 +61,7 @@ void swiglu_portable(const float* g, const float* u, float* out, int64_t n) {
 
 inline void swiglu(const float* g, const float* u, float* out, int64_t n) {
   if (active_isa() == Isa::Avx512Vnni) return avx512::moe_swiglu(g, u, out, n);
+  if (active_isa() == Isa::Avx2) return avx2::moe_swiglu(g, u, out, n);
   swiglu_portable(g, u, out, n);
 }
 
@@ -155,7 +156,9 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
 
 // Weight-stationary product for an expert with few rows: C[M x N] = W[M x K] (rows of stride ldw) times
 // Xt[K x N] (the expert's rows transposed, N = its row count), C of stride N. The weight rows are read straight
-// from memory by the micro-kernel (AVX-512: one sized for N, moe_gemm.h; otherwise the shared GEMM's) (no
+// from memory by the micro-kernel (AVX-512: one sized for N, moe_gemm.h; otherwise the shared GEMM's: on AVX2 a
+// kernel sized for N (up to 3 rows x 32 columns in 12 ymm, weight prefetch) measured 5-25% slower than the
+// GEMM's 6 x 16 slices, whose Xt slice traffic per FMA is half) (no
 // packing: with ~5-64 rows per expert, packing the weights would cost as much as the product); k is blocked
 // only beyond kWsKc (the Xt block of <= 64 x 1024 floats stays in L2).
 constexpr int64_t kWsMinRows = 5;   // fewer rows: dot products on the weight rows (sgemm_nt)
