@@ -34,13 +34,13 @@ struct QLinearArgs {
   int num_threads;
 };
 
-// Entry point: picks the ISA implementation (active_isa()).
+// Entry point: the kernel of the active tier (registry in qlinear.cpp, see dispatch.h).
 void qlinear(const QLinearArgs& args);
 
-// Per-ISA implementations (each in its own translation unit).
+// Per-tier implementations (each in its own translation unit; the x86 ones are built for x86 targets only).
 namespace scalar { void qlinear(const QLinearArgs& args); }
 namespace avx2 { void qlinear(const QLinearArgs& args); }
-namespace avx512 { void qlinear(const QLinearArgs& args); }
+namespace avx512_vnni { void qlinear(const QLinearArgs& args); }
 
 }  // namespace cpu
 }  // namespace kernswap
