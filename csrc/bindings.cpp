@@ -25,6 +25,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); });
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("supported_isas", &supported_isas);
+  m.def("all_isas", &all_isas, "Every CPU tier this module knows, highest first (supported or not).");
   m.def(
       "set_isa",
       [](const std::string& name) {

@@ -48,11 +48,16 @@ std::vector<OpReport> dispatch_report() {
       const Isa tier = static_cast<Isa>(i);
       if (t->has(tier)) r.compiled.push_back(isa_name(tier));
       if (i <= static_cast<int>(chosen)) continue;
-      std::string why;
-      if (!t->has(tier)) why = std::string("no kernel for this tier (uses ") + r.tier + ")";
+      // The first condition that rules the tier out, in the order a developer would fix them.
       const uint32_t missing = t->needs(tier) & ~cpu;
-      if (missing) why += (why.empty() ? "" : "; ") + std::string("CPU lacks ") + feature_names(missing);
-      if (why.empty()) why = std::string("forced by set_isa('") + isa_name(active) + "')";  // i > active
+      std::string why;
+      if (!t->has(tier)) {
+        why = std::string("no kernel for this tier (uses ") + r.tier + ")";
+      } else if (missing) {
+        why = "CPU lacks " + feature_names(missing);
+      } else {  // runnable and registered, so above the active tier: set_isa lowered it
+        why = std::string("forced by set_isa('") + isa_name(active) + "')";
+      }
       r.not_taken.emplace_back(isa_name(tier), why);
     }
     out.push_back(std::move(r));

@@ -86,7 +86,7 @@ class Dispatch : public OpTable {
 };
 
 // Per op, for the diagnostics: the tier a call runs now, the tiers with a kernel (highest first), and for each
-// tier above the chosen one why it is not taken.
+// tier above the chosen one why it is not taken (no kernel; else the CPU features it lacks; else set_isa).
 struct OpReport {
   std::string op, tier;
   std::vector<std::string> compiled;

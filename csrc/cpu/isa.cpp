@@ -1,6 +1,7 @@
 #include "cpu/isa.h"
 
 #include <atomic>
+#include <iterator>
 
 #if KS_X86
 #include <cpuid.h>
@@ -108,6 +109,8 @@ std::vector<std::string> supported_isas() {
     if (isa_supported(static_cast<Isa>(i))) out.push_back(kIsaNames[i]);
   return out;
 }
+
+std::vector<std::string> all_isas() { return {std::rbegin(kIsaNames), std::rend(kIsaNames)}; }
 
 std::string set_isa_override(const std::string& name) {
   if (name.empty()) {

@@ -55,6 +55,7 @@ bool isa_forced();                // set_isa_override holds a tier
 std::string set_isa_override(const std::string& name);
 const char* isa_name(Isa isa);
 std::vector<std::string> supported_isas();  // every supported tier, highest first
+std::vector<std::string> all_isas();        // every tier, highest first
 
 }  // namespace cpu
 }  // namespace kernswap
