@@ -134,8 +134,6 @@ int64_t panel_width(int64_t width, int64_t experts_hit, int64_t avg_rows, int th
 }
 
 // The shared GEMM's internal pieces for the active tier (sgemm.h).
-using StridedFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                           int64_t, bool, const float*);
 const Dispatch<void (*)(int64_t, int64_t, const float*, int64_t, float*, int64_t)> kTranspose{"moe_transpose", {
     {Isa::Scalar, scalar::transpose},
     {Isa::Avx2, KS_X86_KERNEL(avx2::transpose)},
@@ -154,7 +152,9 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
 constexpr int64_t kWsMinRows = 5;   // fewer rows: dot products on the weight rows (sgemm_nt)
 constexpr int64_t kWsMaxRows = 64;  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays
 constexpr int64_t kWsKc = 1024;  // (shorter k blocks cut the weight streams short: measured slower)
-// A tier without a weight-stationary micro-kernel of its own runs the product on its strided GEMM.
+// A tier without a weight-stationary micro-kernel of its own runs the product on its strided GEMM (sgemm.h).
+using StridedFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                           int64_t, bool, const float*);
 template <StridedFn Gemm>
 void ws_on_gemm(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* Xt, float* C, bool acc) {
   Gemm(M, N, K, W, ldw, 1, Xt, N, C, N, acc, nullptr);
