@@ -91,3 +91,91 @@ def test_info_lists_attention_and_moe_backends():
         assert o["auto"]["cpu"][-1] == "reference"
     assert ops["block_sparse_attention"]["backends"]["cpu"]["available"] == kernswap._ext.have_cpu_ext()
     assert "block_sparse_attention (auto order" in format_info(d)
+
+
+# ---- CPU tiers and the (op, tier) registry -----------------------------------------------------------------
+
+_CPU_OPS = {"qlinear", "sgemm_nn", "sgemm_nt", "block_sparse_attention", "moe_swiglu", "moe_ws_gemm", "moe_transpose"}
+needs_C = pytest.mark.skipif(not _ext.have_cpu_ext(), reason=f"no compiled CPU module: {_ext.cpu_ext_reason()}")
+
+
+def _check_report(report, active):
+    """Each op runs a supported tier <= active that has a kernel, and every tier above it has a reason."""
+    C = _ext.get_C()
+    tiers = list(C.all_isas())  # highest first
+    supported = _ext.supported_isas()
+    assert _CPU_OPS <= set(report), sorted(report)
+    for op, r in report.items():
+        chosen = r["tier"]
+        assert chosen in supported and chosen in r["compiled"] and "scalar" in r["compiled"], (op, r)
+        assert tiers.index(chosen) >= tiers.index(active), (op, r)  # never above the active tier
+        assert r["compiled"] == [t for t in tiers if t in r["compiled"]], (op, r)  # highest first
+        assert list(r["not_taken"]) == tiers[:tiers.index(chosen)], (op, r)
+        for tier, why in r["not_taken"].items():
+            assert why, (op, tier)
+            if tier not in r["compiled"]:
+                assert why == f"no kernel for this tier (uses {chosen})", (op, tier, why)
+            elif tier not in supported:
+                assert why.startswith("CPU lacks "), (op, tier, why)
+            else:  # supported and compiled, yet not taken: only a forced lower tier explains it
+                assert why == f"forced by set_isa('{active}')", (op, tier, why)
+
+
+@needs_C
+def test_dispatch_report_auto():
+    assert _ext.cpu_isa() == _ext.best_isa() == _ext.supported_isas()[0]
+    assert _ext.supported_isas()[-1] == "scalar"
+    _check_report(_ext.dispatch_report(), _ext.best_isa())
+
+
+@needs_C
+@pytest.mark.parametrize("isa", _ext.supported_isas())
+def test_dispatch_report_forced(isa):
+    from conftest import use_isa
+
+    with use_isa(isa):
+        assert _ext.cpu_isa() == isa
+        report = _ext.dispatch_report()
+        _check_report(report, isa)
+        if isa == "scalar":
+            assert {r["tier"] for r in report.values()} == {"scalar"}
+    assert _ext.cpu_isa() == _ext.best_isa()
+
+
+@needs_C
+def test_cpu_features_and_tiers():
+    C = _ext.get_C()
+    feats = _ext.cpu_features()
+    assert {"AVX2", "FMA", "F16C", "AVX_VNNI", "AVX512F", "AVX512_VNNI", "AVX512_BF16"} <= set(feats)
+    assert set(C.all_isas()) == {"scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni"}
+    sup = _ext.supported_isas()
+    assert ("avx2" in sup) == all(feats[f] for f in ("AVX2", "FMA", "F16C", "OS_YMM_STATE"))
+    assert ("avx512_vnni" in sup) == ("avx512" in sup and feats["AVX512_VNNI"])  # BF16 not required
+    assert ("avx_vnni" in sup) == ("avx2" in sup and feats["AVX_VNNI"])
+
+
+@needs_C
+def test_set_isa_errors():
+    C = _ext.get_C()
+    with pytest.raises(ValueError, match=r"unknown tier 'avx9000'.*expected one of"):
+        C.set_isa("avx9000")
+    for tier in C.all_isas():
+        if tier not in _ext.supported_isas():
+            with pytest.raises(ValueError, match=rf"cannot run tier '{tier}' \(lacks "):
+                C.set_isa(tier)
+    assert _ext.cpu_isa() == _ext.best_isa()  # a refused call leaves the choice alone
+
+
+@needs_C
+def test_info_and_printout_show_dispatch():
+    from kernswap.diagnostics import format_info, info
+
+    d = info()
+    c = d["compiled_cpu_module"]
+    assert set(c["dispatch"]) >= _CPU_OPS and c["best_isa"] == _ext.best_isa() and c["cpu_features"]
+    text = format_info(d)
+    assert "CPU kernels per op" in text and "CPU features:" in text
+    for op, r in c["dispatch"].items():
+        assert f"{op}" in text
+        for tier, why in r["not_taken"].items():
+            assert f"not {tier}: {why}" in text

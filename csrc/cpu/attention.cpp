@@ -1,17 +1,20 @@
 #include "cpu/attention.h"
 
-#include "cpu/isa.h"
+#include "cpu/dispatch.h"
 
 namespace kernswap {
 namespace cpu {
+namespace {
 
-void block_sparse_attention(const AttnArgs& args) {
-  switch (active_isa()) {
-    case Isa::Avx512Vnni: return avx512::block_sparse_attention(args);
-    case Isa::Avx2: return avx2::block_sparse_attention(args);
-    default: return scalar::block_sparse_attention(args);
-  }
-}
+const Dispatch<void (*)(const AttnArgs&)> kAttention{"block_sparse_attention", {
+    {Isa::Scalar, scalar::block_sparse_attention},
+    {Isa::Avx2, KS_X86_KERNEL(avx2::block_sparse_attention)},
+    {Isa::Avx512, KS_X86_KERNEL(avx512::block_sparse_attention)},
+}};
+
+}  // namespace
+
+void block_sparse_attention(const AttnArgs& args) { kAttention(args); }
 
 }  // namespace cpu
 }  // namespace kernswap

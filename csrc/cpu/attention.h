@@ -36,7 +36,7 @@ struct AttnArgs {
   int num_threads;
 };
 
-// Entry point: picks the ISA implementation (active_isa()).
+// Entry point: the kernel of the active tier (registry in attention.cpp, see dispatch.h).
 void block_sparse_attention(const AttnArgs& args);
 
 namespace scalar { void block_sparse_attention(const AttnArgs& args); }

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cpu/attention.h"
+#include "cpu/bf16_avx512.h"
 
 namespace kernswap {
 namespace cpu {
@@ -43,7 +44,7 @@ inline void from_f32(const float* src, float mul, DType t, int64_t n, void* dst)
     switch (t) {
       case DType::F32: _mm512_mask_storeu_ps(static_cast<float*>(dst) + i, mk, v); break;
       case DType::BF16:
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + i, mk, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + i, mk, cvt_f32_bf16_avx512(v));
         break;
       default:
         _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + i, mk,

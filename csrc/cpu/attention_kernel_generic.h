@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "cpu/attention.h"
+#include "cpu/half.h"
 
 #ifndef KS_ISA_NS
 #error "define KS_ISA_NS before including attention_kernel_generic.h"
@@ -19,32 +20,17 @@ namespace cpu {
 namespace KS_ISA_NS {
 namespace attn_detail {
 
-inline float bf16_bits_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 inline void to_f32(const void* src, DType t, int64_t n, float* dst) {
   switch (t) {
     case DType::F32: std::memcpy(dst, src, n * sizeof(float)); break;
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_f32(s[i]);
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
       break;
     }
     default: {
-      const _Float16* s = static_cast<const _Float16*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
     }
   }
 }
@@ -58,12 +44,12 @@ inline void from_f32(const float* src, float mul, DType t, int64_t n, void* dst)
     }
     case DType::BF16: {
       uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16_bits(src[i] * mul);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i] * mul);
       break;
     }
     default: {
-      _Float16* d = static_cast<_Float16*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i] * mul);
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i] * mul);
     }
   }
 }

@@ -1,47 +1,97 @@
 #include "cpu/isa.h"
 
 #include <atomic>
+#include <iterator>
+
+#if KS_X86
 #include <cpuid.h>
-#include <cstdint>
+#endif
 
 namespace kernswap {
 namespace cpu {
 namespace {
 
+constexpr const char* kFeatureNames[kNumFeatures] = {
+    "AVX2", "FMA", "F16C", "OS_YMM_STATE", "AVX_VNNI", "AVX512F",
+    "AVX512BW", "AVX512VL", "AVX512DQ", "OS_ZMM_STATE", "AVX512_VNNI", "AVX512_BF16"};
+
+constexpr const char* kIsaNames[kNumIsas] = {"scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni"};
+
+// What each tier's translation units are compiled for (CMakeLists.txt gives the matching -m flags).
+constexpr uint32_t kAvx2Tier = kAvx2 | kFma | kF16c | kOsYmmState;
+constexpr uint32_t kAvx512Tier = kAvx2Tier | kAvx512F | kAvx512Bw | kAvx512Vl | kAvx512Dq | kOsZmmState;
+constexpr uint32_t kTierFeatures[kNumIsas] = {0, kAvx2Tier, kAvx2Tier | kAvxVnni, kAvx512Tier,
+                                              kAvx512Tier | kAvx512Vnni};
+
+#if KS_X86
 uint64_t xgetbv0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (static_cast<uint64_t>(edx) << 32) | eax;
 }
 
-Isa detect() {
+uint32_t detect() {
   unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::Scalar;
-  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
-  if (!osxsave) return Isa::Scalar;
-  const uint64_t xcr0 = xgetbv0();
-  const bool ymm_os = (xcr0 & 0x6) == 0x6;
-  const bool zmm_os = (xcr0 & 0xe6) == 0xe6;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::Scalar;
-  const bool avx2 = b & (1u << 5);
-  const bool avx512f = b & (1u << 16), avx512dq = b & (1u << 17), avx512bw = b & (1u << 30),
-             avx512vl = b & (1u << 31), avx512vnni = c & (1u << 11);
-  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
-  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-  const bool avx512bf16 = a1 & (1u << 5);
-  if (zmm_os && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni && avx512bf16 && fma && f16c)
-    return Isa::Avx512Vnni;
-  if (ymm_os && avx2 && fma && f16c) return Isa::Avx2;
-  return Isa::Scalar;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  uint32_t f = 0;
+  if (c & (1u << 12)) f |= kFma;
+  if (c & (1u << 29)) f |= kF16c;
+  if (c & (1u << 27)) {  // OSXSAVE: xgetbv is available and says which register states the OS saves
+    const uint64_t xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) == 0x6) f |= kOsYmmState;     // xmm + ymm
+    if ((xcr0 & 0xe6) == 0xe6) f |= kOsZmmState;   // + opmask, zmm0-15 upper halves, zmm16-31
+  }
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    if (b & (1u << 5)) f |= kAvx2;
+    if (b & (1u << 16)) f |= kAvx512F;
+    if (b & (1u << 17)) f |= kAvx512Dq;
+    if (b & (1u << 30)) f |= kAvx512Bw;
+    if (b & (1u << 31)) f |= kAvx512Vl;
+    if (c & (1u << 11)) f |= kAvx512Vnni;
+    const unsigned max_sub = a;
+    if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+      if (a & (1u << 4)) f |= kAvxVnni;
+      if (a & (1u << 5)) f |= kAvx512Bf16;
+    }
+  }
+  return f;
 }
+#else
+uint32_t detect() { return 0; }  // no x86 tiers to enable: scalar only
+#endif
 
 std::atomic<int> g_override{-1};
 
 }  // namespace
 
+const char* feature_name(int bit) { return bit >= 0 && bit < kNumFeatures ? kFeatureNames[bit] : "?"; }
+
+std::string feature_names(uint32_t features) {
+  std::string out;
+  for (int i = 0; i < kNumFeatures; ++i) {
+    if (!(features & (1u << i))) continue;
+    if (!out.empty()) out += ", ";
+    out += kFeatureNames[i];
+  }
+  return out;
+}
+
+uint32_t cpu_features() {
+  static const uint32_t f = detect();
+  return f;
+}
+
+uint32_t tier_features(Isa isa) { return kTierFeatures[static_cast<int>(isa)]; }
+
+bool isa_supported(Isa isa) {
+  const uint32_t need = tier_features(isa);
+  return (cpu_features() & need) == need;
+}
+
 Isa best_isa() {
-  static const Isa isa = detect();
-  return isa;
+  for (int i = kNumIsas - 1; i > 0; --i)
+    if (isa_supported(static_cast<Isa>(i))) return static_cast<Isa>(i);
+  return Isa::Scalar;
 }
 
 Isa active_isa() {
@@ -49,32 +99,37 @@ Isa active_isa() {
   return o < 0 ? best_isa() : static_cast<Isa>(o);
 }
 
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512Vnni: return "avx512_vnni";
-    case Isa::Avx2: return "avx2";
-    default: return "scalar";
-  }
-}
+bool isa_forced() { return g_override.load(std::memory_order_relaxed) >= 0; }
+
+const char* isa_name(Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (int i = static_cast<int>(best_isa()); i >= 0; --i) out.push_back(isa_name(static_cast<Isa>(i)));
+  for (int i = kNumIsas - 1; i >= 0; --i)
+    if (isa_supported(static_cast<Isa>(i))) out.push_back(kIsaNames[i]);
   return out;
 }
 
-bool set_isa_override(const std::string& name) {
+std::vector<std::string> all_isas() { return {std::rbegin(kIsaNames), std::rend(kIsaNames)}; }
+
+std::string set_isa_override(const std::string& name) {
   if (name.empty()) {
     g_override.store(-1);
-    return true;
+    return "";
   }
-  for (int i = 0; i <= static_cast<int>(best_isa()); ++i) {
-    if (name == isa_name(static_cast<Isa>(i))) {
+  std::string known;
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (name == kIsaNames[i]) {
+      const Isa isa = static_cast<Isa>(i);
+      if (!isa_supported(isa))
+        return "this CPU cannot run tier '" + name + "' (lacks " +
+               feature_names(tier_features(isa) & ~cpu_features()) + ")";
       g_override.store(i);
-      return true;
+      return "";
     }
+    known += std::string(i ? ", " : "") + kIsaNames[i];
   }
-  return false;
+  return "unknown tier '" + name + "' (tiers: " + known + ")";
 }
 
 }  // namespace cpu

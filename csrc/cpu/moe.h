@@ -69,7 +69,8 @@ void moe_experts_combine(MoEExpertsArgs args, const float* weights, void* out, D
 void moe_combine(const float* rows, int64_t ldr, const int32_t* pos, const float* weights, int64_t T,
                  int64_t top_k, int64_t H, void* out, DType out_dtype, int64_t ldo, int num_threads);
 
-// Per-ISA pieces (moe_act_avx512.cpp, moe_act_avx2.cpp; the portable versions live in moe_experts.cpp).
+// Per-tier pieces (moe_act_avx512.cpp, moe_act_avx2.cpp; the portable versions live in moe_experts.cpp,
+// registered there).
 namespace avx512 {
 void moe_swiglu(const float* gate, const float* up, float* out, int64_t n);
 }

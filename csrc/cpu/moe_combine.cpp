@@ -2,22 +2,12 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/half.h"
 #include "cpu/moe.h"
 #include "cpu/parallel.h"
 
 namespace kernswap {
 namespace cpu {
-namespace {
-
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-}  // namespace
 
 void moe_combine(const float* rows, int64_t ldr, const int32_t* pos, const float* weights, int64_t T,
                  int64_t top_k, int64_t H, void* out, DType out_dtype, int64_t ldo, int num_threads) {
@@ -39,12 +29,12 @@ void moe_combine(const float* rows, int64_t ldr, const int32_t* pos, const float
         case DType::F32: std::memcpy(static_cast<float*>(out) + t * ldo, acc.data(), H * sizeof(float)); break;
         case DType::BF16: {
           uint16_t* o = static_cast<uint16_t*>(out) + t * ldo;
-          for (int64_t h = 0; h < H; ++h) o[h] = to_bf16(acc[h]);
+          for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
           break;
         }
         default: {
-          _Float16* o = static_cast<_Float16*>(out) + t * ldo;
-          for (int64_t h = 0; h < H; ++h) o[h] = static_cast<_Float16>(acc[h]);
+          uint16_t* o = static_cast<uint16_t*>(out) + t * ldo;
+          for (int64_t h = 0; h < H; ++h) o[h] = f32_to_f16(acc[h]);
         }
       }
     }

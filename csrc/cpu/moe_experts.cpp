@@ -20,9 +20,8 @@
 #include <thread>
 #include <vector>
 
-#include <immintrin.h>
-
-#include "cpu/isa.h"
+#include "cpu/dispatch.h"
+#include "cpu/half.h"
 #include "cpu/moe.h"
 #include "cpu/moe_gemm.h"
 #include "cpu/parallel.h"
@@ -40,15 +39,12 @@ inline void to_f32(const void* src, DType t, int64_t n, float* out) {
     case DType::F32: std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float)); break;
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
-        std::memcpy(out + i, &bits, 4);
-      }
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(s[i]);
       break;
     }
     default: {
-      const _Float16* s = static_cast<const _Float16*>(src);
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(s[i]);
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(s[i]);
     }
   }
 }
@@ -59,11 +55,13 @@ void swiglu_portable(const float* g, const float* u, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-inline void swiglu(const float* g, const float* u, float* out, int64_t n) {
-  if (active_isa() == Isa::Avx512Vnni) return avx512::moe_swiglu(g, u, out, n);
-  if (active_isa() == Isa::Avx2) return avx2::moe_swiglu(g, u, out, n);
-  swiglu_portable(g, u, out, n);
-}
+const Dispatch<void (*)(const float*, const float*, float*, int64_t)> kSwiglu{"moe_swiglu", {
+    {Isa::Scalar, swiglu_portable},
+    {Isa::Avx2, KS_X86_KERNEL(avx2::moe_swiglu)},
+    {Isa::Avx512, KS_X86_KERNEL(avx512::moe_swiglu)},
+}};
+
+inline void swiglu(const float* g, const float* u, float* out, int64_t n) { kSwiglu(g, u, out, n); }
 
 struct Task {
   int64_t e, a0, a1;  // expert, range (columns or rows)
@@ -106,7 +104,7 @@ void run_phases(std::vector<Task>& t1, const F1& f1, std::vector<Task>& t2, cons
       const Task& t = t2[i - n1];
       for (int spins = 0; dep[t.e].load(std::memory_order_acquire) > 0; ++spins) {
         if (spins < 4000) {
-          _mm_pause();
+          cpu_relax();
         } else {
           std::this_thread::yield();
         }
@@ -136,22 +134,15 @@ int64_t panel_width(int64_t width, int64_t experts_hit, int64_t avg_rows, int th
   return std::min(w, width);
 }
 
-// The shared GEMM's internal pieces for the active ISA (sgemm.h).
-void strided_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                  int64_t ldc, bool acc) {
-  switch (active_isa()) {
-    case Isa::Avx512Vnni: return avx512::gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, acc, nullptr);
-    case Isa::Avx2: return avx2::gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, acc, nullptr);
-    default: return scalar::gemm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, acc, nullptr);
-  }
-}
+// The shared GEMM's internal pieces for the active tier (sgemm.h).
+const Dispatch<void (*)(int64_t, int64_t, const float*, int64_t, float*, int64_t)> kTranspose{"moe_transpose", {
+    {Isa::Scalar, scalar::transpose},
+    {Isa::Avx2, KS_X86_KERNEL(avx2::transpose)},
+    {Isa::Avx512, KS_X86_KERNEL(avx512::transpose)},
+}};
 
 void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
-  switch (active_isa()) {
-    case Isa::Avx512Vnni: return avx512::transpose(rows, cols, src, lds, dst, ldd);
-    case Isa::Avx2: return avx2::transpose(rows, cols, src, lds, dst, ldd);
-    default: return scalar::transpose(rows, cols, src, lds, dst, ldd);
-  }
+  kTranspose(rows, cols, src, lds, dst, ldd);
 }
 
 // Weight-stationary product for an expert with few rows: C[M x N] = W[M x K] (rows of stride ldw) times
@@ -164,15 +155,26 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
 constexpr int64_t kWsMinRows = 5;   // fewer rows: dot products on the weight rows (sgemm_nt)
 constexpr int64_t kWsMaxRows = 64;  // more rows: the packed GEMM (sgemm_nt), whose weight packing then pays
 constexpr int64_t kWsKc = 1024;  // (shorter k blocks cut the weight streams short: measured slower)
+// A tier without a weight-stationary micro-kernel of its own runs the product on its strided GEMM (sgemm.h).
+using StridedFn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                           int64_t, bool, const float*);
+template <StridedFn Gemm>
+void ws_on_gemm(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* Xt, float* C, bool acc) {
+  Gemm(M, N, K, W, ldw, 1, Xt, N, C, N, acc, nullptr);
+}
+
+const Dispatch<void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, bool)> kWsGemm{
+    "moe_ws_gemm", {
+        {Isa::Scalar, ws_on_gemm<scalar::gemm_strided>},
+        {Isa::Avx2, KS_X86_KERNEL(ws_on_gemm<avx2::gemm_strided>)},
+        {Isa::Avx512, KS_X86_KERNEL(avx512::moe_ws_gemm)},
+    }};
+
 void ws_gemm(int64_t M, int64_t N, int64_t K, const float* W, int64_t ldw, const float* Xt, float* C) {
-  const bool own_kernel = active_isa() == Isa::Avx512Vnni;
+  const auto kernel = kWsGemm.kernel();
   for (int64_t k0 = 0; k0 < K; k0 += kWsKc) {
     const int64_t kc = std::min(kWsKc, K - k0);
-    if (own_kernel) {
-      avx512::moe_ws_gemm(M, N, kc, W + k0, ldw, Xt + k0 * N, C, k0 > 0);
-    } else {
-      strided_gemm(M, N, kc, W + k0, ldw, Xt + k0 * N, N, C, N, k0 > 0);
-    }
+    kernel(M, N, kc, W + k0, ldw, Xt + k0 * N, C, k0 > 0);
   }
 }
 inline bool ws_rows(int64_t n) { return n >= kWsMinRows && n <= kWsMaxRows; }

@@ -3,7 +3,6 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <immintrin.h>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -39,7 +38,7 @@ class Pool {
     }
     cv_.notify_all();
     take_parts();  // the caller takes parts too: a worker that is not scheduled yet never holds the job up
-    while (done_.load(std::memory_order_acquire) < nthreads) _mm_pause();
+    while (done_.load(std::memory_order_acquire) < nthreads) cpu_relax();
     next_.store(kClosed, std::memory_order_release);  // a worker waking late finds nothing to take
     fn_ = nullptr;
   }
@@ -76,7 +75,7 @@ class Pool {
       // Spin for a short while, then sleep until the next job.
       auto t0 = std::chrono::steady_clock::now();
       while (gen_.load(std::memory_order_acquire) == seen) {
-        _mm_pause();
+        cpu_relax();
         if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
           std::unique_lock<std::mutex> lk(mu_);
           cv_.wait(lk, [&] { return gen_.load() != seen; });

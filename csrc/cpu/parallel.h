@@ -8,8 +8,23 @@
 #include <cstdint>
 #include <functional>
 
+#include "cpu/isa.h"
+#if KS_X86
+#include <immintrin.h>
+#endif
+
 namespace kernswap {
 namespace cpu {
+
+// One iteration of a spin-wait: tells the core that the thread is spinning (saves power, frees the sibling
+// hyper-thread, avoids the memory-order flush when the wait ends).
+inline void cpu_relax() {
+#if KS_X86
+  _mm_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+  __asm__ __volatile__("yield");
+#endif
+}
 
 using RangeFn = std::function<void(int64_t begin, int64_t end)>;
 void parallel_for(int64_t n, int nthreads, const RangeFn& fn);

@@ -1,25 +1,29 @@
 #include "cpu/qlinear.h"
 
-#include "cpu/isa.h"
+#include "cpu/dispatch.h"
 
 namespace kernswap {
 namespace cpu {
+namespace {
 
-void qlinear(const QLinearArgs& args) {
-  switch (active_isa()) {
-    case Isa::Avx512Vnni: return avx512::qlinear(args);
-    case Isa::Avx2: return avx2::qlinear(args);
-    default: return scalar::qlinear(args);
-  }
-}
+// The AVX-512 engine multiplies with vpdpbusd (AVX512_VNNI); the avx2 build is the portable engine.
+const Dispatch<void (*)(const QLinearArgs&)> kQLinear{"qlinear", {
+    {Isa::Scalar, scalar::qlinear},
+    {Isa::Avx2, KS_X86_KERNEL(avx2::qlinear)},
+    {Isa::Avx512Vnni, KS_X86_KERNEL(avx512_vnni::qlinear)},
+}};
 
-void qdequant(const QDequantArgs& args) {
-  switch (active_isa()) {
-    case Isa::Avx512Vnni: return avx512::qdequant(args);
-    case Isa::Avx2: return avx2::qdequant(args);
-    default: return scalar::qdequant(args);
-  }
-}
+// Weight panels to fp32 (the weight-only runner's dense path); every build has one, vectorised per tier.
+const Dispatch<void (*)(const QDequantArgs&)> kQDequant{"qdequant", {
+    {Isa::Scalar, scalar::qdequant},
+    {Isa::Avx2, KS_X86_KERNEL(avx2::qdequant)},
+    {Isa::Avx512Vnni, KS_X86_KERNEL(avx512_vnni::qdequant)},
+}};
+
+}  // namespace
+
+void qlinear(const QLinearArgs& args) { kQLinear(args); }
+void qdequant(const QDequantArgs& args) { kQDequant(args); }
 
 }  // namespace cpu
 }  // namespace kernswap

@@ -48,14 +48,14 @@ struct QDequantArgs {
   int num_threads;
 };
 
-// Entry points: pick the ISA implementation (active_isa()).
+// Entry points: the kernel of the active tier (registry in qlinear.cpp, see dispatch.h).
 void qlinear(const QLinearArgs& args);
 void qdequant(const QDequantArgs& args);
 
-// Per-ISA implementations (each in its own translation unit).
+// Per-tier implementations (each in its own translation unit; the x86 ones are built for x86 targets only).
 namespace scalar { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
 namespace avx2 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
-namespace avx512 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx512_vnni { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
 
 }  // namespace cpu
 }  // namespace kernswap

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/half.h"
 #include "cpu/parallel.h"
 #include "cpu/qlinear.h"
 
@@ -75,15 +76,12 @@ inline void load_row(const void* xrow, DType t, int64_t K, float* out) {
     case DType::F32: std::memcpy(out, xrow, K * sizeof(float)); break;
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(xrow);
-      for (int64_t k = 0; k < K; ++k) {
-        uint32_t bits = static_cast<uint32_t>(s[k]) << 16;
-        std::memcpy(out + k, &bits, 4);
-      }
+      for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_f32(s[k]);
       break;
     }
     default: {
-      const _Float16* s = static_cast<const _Float16*>(xrow);
-      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(s[k]);
+      const uint16_t* s = static_cast<const uint16_t*>(xrow);
+      for (int64_t k = 0; k < K; ++k) out[k] = f16_to_f32(s[k]);
     }
   }
 }
@@ -190,14 +188,6 @@ inline float zero_point(const Plan& p, const QLinearArgs& a, int64_t g, int64_t 
   return a.zero ? static_cast<float>(a.zero[g * p.Np + n]) : 8.f;
 }
 
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 // Writes vals[0, count) (+ bias) to row m, columns [n0, n0 + count), in the output dtype.
 inline void store_span(const QLinearArgs& a, int64_t m, int64_t n0, int64_t count, const float* vals) {
   const int64_t off = m * a.y_row_stride + n0;
@@ -206,7 +196,7 @@ inline void store_span(const QLinearArgs& a, int64_t m, int64_t n0, int64_t coun
     switch (a.y_dtype) {
       case DType::F32: static_cast<float*>(a.y)[off + i] = v; break;
       case DType::BF16: static_cast<uint16_t*>(a.y)[off + i] = f32_to_bf16(v); break;
-      default: static_cast<_Float16*>(a.y)[off + i] = static_cast<_Float16>(v);
+      default: static_cast<uint16_t*>(a.y)[off + i] = f32_to_f16(v);
     }
   }
 }

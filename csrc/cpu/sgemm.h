@@ -1,6 +1,6 @@
 // Single-threaded fp32 GEMM for the CPU kernels (callers parallelise; see parallel.h). Torch-free.
 //
-// Public entry points pick the ISA at run time (active_isa()):
+// Public entry points run the kernel of the active tier (registry in sgemm.cpp, see dispatch.h):
 //   sgemm_nn: C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]
 //             A(m,k) = A[m*lda + k], B(k,n) = B[k*ldb + n], C(m,n) = C[m*ldc + n]
 //   sgemm_nt: the same with B given transposed, B(k,n) = Bt[n*ldbt + k] (e.g. a Linear weight [N, K]).

@@ -7,10 +7,11 @@ Test override: KERNSWAP_NO_EXT=1 makes both modules count as missing (runs the r
 import importlib
 import os
 from types import ModuleType
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
-    "get_C", "have_cpu_ext", "cpu_ext_reason", "cpu_isa", "op_isa", "supported_isas",
+    "get_C", "have_cpu_ext", "cpu_ext_reason", "cpu_isa", "best_isa", "op_isa", "supported_isas", "cpu_features",
+    "dispatch_report",
     "get_C_cuda", "have_cuda_ext", "cuda_ext_reason", "reload",
 ]
 
@@ -59,12 +60,24 @@ def cpu_ext_reason(entry: str = "qlinear") -> str:
     return ""
 
 
-def cpu_isa() -> Optional[str]:
-    """ISA the CPU module runs with ('avx512_vnni' | 'avx2' | 'scalar'), None without the module."""
+def _call(entry: str, default):
+    """mod.entry() of the CPU module, or `default` without the module (or in a stale build lacking it)."""
     mod = get_C()
-    if mod is None or not hasattr(mod, "cpu_isa"):
-        return None
-    return str(mod.cpu_isa())
+    if mod is None or not hasattr(mod, entry):
+        return default
+    return getattr(mod, entry)()
+
+
+def cpu_isa() -> Optional[str]:
+    """Active CPU tier ('avx512_vnni' | 'avx512' | 'avx_vnni' | 'avx2' | 'scalar'), None without the module."""
+    isa = _call("cpu_isa", None)
+    return None if isa is None else str(isa)
+
+
+def best_isa() -> Optional[str]:
+    """Highest tier this CPU can run (what auto picks), None without the module."""
+    isa = _call("best_isa", None)
+    return None if isa is None else str(isa)
 
 
 def op_isa(op: str) -> Optional[str]:
@@ -78,10 +91,21 @@ def op_isa(op: str) -> Optional[str]:
 
 
 def supported_isas() -> List[str]:
-    mod = get_C()
-    if mod is None or not hasattr(mod, "supported_isas"):
-        return []
-    return [str(s) for s in mod.supported_isas()]
+    """Every tier this CPU can run, highest first ([] without the module)."""
+    return [str(s) for s in _call("supported_isas", [])]
+
+
+def cpu_features() -> Dict[str, bool]:
+    """CPU features detected by the module (cpuid/xgetbv): name -> present ({} without the module)."""
+    return {str(k): bool(v) for k, v in _call("cpu_features", {}).items()}
+
+
+def dispatch_report() -> Dict[str, Dict[str, Any]]:
+    """Per CPU op: {'tier': chosen tier, 'compiled': tiers with a kernel (highest first),
+    'not_taken': {higher tier: reason}} ({} without the module)."""
+    return {str(op): {"tier": str(r["tier"]), "compiled": [str(t) for t in r["compiled"]],
+                      "not_taken": {str(t): str(w) for t, w in r["not_taken"].items()}}
+            for op, r in _call("dispatch_report", {}).items()}
 
 
 def get_C_cuda() -> Optional[ModuleType]:

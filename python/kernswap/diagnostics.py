@@ -2,7 +2,7 @@
 import os
 import platform
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
@@ -84,13 +84,29 @@ def info() -> Dict[str, Any]:
         "triton": _triton_version(),
         "platform": platform.platform(),
         "compiled_cpu_module": {"found": _ext.have_cpu_ext(), "reason": _ext.cpu_ext_reason(),
-                                "cpu_isa": _ext.cpu_isa(), "supported_isas": _ext.supported_isas()},
+                                "cpu_isa": _ext.cpu_isa(), "best_isa": _ext.best_isa(),
+                                "supported_isas": _ext.supported_isas(), "cpu_features": _ext.cpu_features(),
+                                "dispatch": _ext.dispatch_report()},
         "threads": {"torch": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "cuda": _cuda(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "backends": backends,
         "auto": auto,
     }
+
+
+def _format_cpu_dispatch(c: Dict[str, Any]) -> List[str]:
+    """The CPU features and, per CPU op, its tier and why each higher tier was not taken."""
+    feats = c.get("cpu_features") or {}
+    if not feats:
+        return []
+    have = [n for n, ok in feats.items() if ok]
+    lines = [f"  CPU features: {' '.join(have) or '-'}   missing: {' '.join(n for n, ok in feats.items() if not ok) or '-'}",
+             "  CPU kernels per op (tier in use [tiers compiled]):"]
+    for op, r in (c.get("dispatch") or {}).items():
+        lines.append(f"    {op:<24} {r['tier']:<12} [{', '.join(r['compiled'])}]")
+        lines += [f"      not {tier}: {why}" for tier, why in r["not_taken"].items()]
+    return lines
 
 
 def format_info(d: Dict[str, Any] = None) -> str:
@@ -101,7 +117,9 @@ def format_info(d: Dict[str, Any] = None) -> str:
         f"kernswap {d['kernswap']}  torch {d['torch']}  python {d['python']}  triton {d['triton'] or 'not installed'}",
         f"platform: {d['platform']}",
         f"compiled CPU module kernswap._C: " + ("found" if c["found"] else f"NOT found ({c['reason']})"),
-        f"  CPU ISA in use: {c['cpu_isa'] or '-'}   supported: {', '.join(c['supported_isas']) or '-'}",
+        f"  CPU ISA in use: {c['cpu_isa'] or '-'}   best: {c.get('best_isa') or '-'}   "
+        f"supported: {', '.join(c['supported_isas']) or '-'}",
+        *_format_cpu_dispatch(c),
         f"threads: torch={d['threads']['torch']} cpu_count={d['threads']['cpu_count']}",
     ]
     cu = d["cuda"]

@@ -1,14 +1,15 @@
-// AVX-512 VNNI build of the quantized-linear engine: a register-tiled micro-kernel of MR rows x NT tiles
+// AVX-512 VNNI build of the quantized-linear engine (tier avx512_vnni: AVX512F/BW/VL/DQ + AVX512_VNNI): a register-tiled micro-kernel of MR rows x NT tiles
 // (16 output columns each). Weights stream once per row block as unsigned bytes; activation digits are
 // broadcast 4 at a time into vpdpbusd; int32 sums are rescaled in fp32 once per segment.
-#define KS_ISA_NS avx512
+#define KS_ISA_NS avx512_vnni
 #include <immintrin.h>
 
+#include "cpu/bf16_avx512.h"
 #include "cpu/qlinear_common.h"
 
 namespace kernswap {
 namespace cpu {
-namespace avx512 {
+namespace avx512_vnni {
 namespace {
 
 #define KS_UNROLL _Pragma("GCC unroll 32")
@@ -34,8 +35,7 @@ inline void store16(const QLinearArgs& a, int64_t m, int64_t n0, __m512 v) {
   switch (a.y_dtype) {
     case DType::F32: _mm512_mask_storeu_ps(static_cast<float*>(a.y) + off, mask, v); break;
     case DType::BF16: {
-      const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + off, mask, h);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + off, mask, cvt_f32_bf16_avx512(v));
       break;
     }
     default: {
@@ -172,7 +172,7 @@ inline void compute_block(const Plan& p, const QLinearArgs& a, const Acts& acts,
   return block<4, 3, 3, 2>(p, a, acts, m0, mc, t0, tc);
 }
 
-}  // namespace avx512
+}  // namespace avx512_vnni
 }  // namespace cpu
 }  // namespace kernswap
 
