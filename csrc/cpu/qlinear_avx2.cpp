@@ -117,6 +117,15 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
   }
 }
 
+// The micro-kernel for the last `left` (< MR) rows of a row block: one pass over the tile for all of them.
+template <int BITS, int NDIG, int MR>
+void tail_rows(int left, const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m, int64_t t) {
+  if constexpr (MR > 1) {
+    if (left == MR - 1) return micro_kernel<BITS, NDIG, MR - 1>(p, a, acts, m, t);
+    return tail_rows<BITS, NDIG, MR - 1>(left, p, a, acts, m, t);
+  }
+}
+
 // Rows in groups of MR (the last group shorter), each group against every tile of the block.
 template <int BITS, int NDIG, int MR>
 void block(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, int64_t mc, int64_t t0, int64_t tc) {
@@ -125,8 +134,8 @@ void block(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, in
     for (int64_t t = t0; t < t0 + tc; ++t) {
       if (left >= MR) {
         micro_kernel<BITS, NDIG, MR>(p, a, acts, m, t);
-      } else if constexpr (MR > 1) {
-        for (int64_t r = m; r < m0 + mc; ++r) micro_kernel<BITS, NDIG, 1>(p, a, acts, r, t);
+      } else {
+        tail_rows<BITS, NDIG, MR>(static_cast<int>(left), p, a, acts, m, t);
       }
     }
   }
