@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,6 +53,7 @@ class Context:
     bandwidth: Optional[Dict[str, Any]] = None  # filled by measure_bandwidth
     meta: Dict[str, Any] = dataclasses.field(default_factory=dict)
     verbose: bool = True
+    rounds: int = 3             # bench_impls: each case times its impls round robin in this many rounds
     forced_isa: Optional[str] = None  # --isa: the tier kernswap and torch were forced to (None: each picks its best)
     torch_isa_env: Dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -247,11 +248,12 @@ def percentiles(samples: Sequence[float]) -> Dict[str, float]:
     return {"p20": q(0.2), "p50": q(0.5), "p80": q(0.8)}
 
 
-def time_calls(ctx: Context, calls: Sequence[Callable[[], Any]], first_call_s: float) -> List[float]:
-    """Time ``calls`` in rotation (one call = one sample). ``first_call_s`` is a rough cost estimate."""
+def time_calls(ctx: Context, calls: Sequence[Callable[[], Any]], first_call_s: float, warm: bool = True) -> List[float]:
+    """Time ``calls`` in rotation (one call = one sample). ``first_call_s`` is a rough cost estimate; ``warm``:
+    warm up first (a later round of the same calls needs none)."""
     est = max(first_call_s, 1e-6)
     # the verification call already warmed the code path up: slow calls get no further warm-up
-    n_warm = min(len(calls), int(ctx.warmup_time / est))
+    n_warm = min(len(calls), int(ctx.warmup_time / est)) if warm else 0
     if len(calls) > 1:  # cold: never re-touch a copy shortly before its timed call
         n_warm = min(n_warm, len(calls) // 2)
     idx = 1 if len(calls) > 1 else 0  # cold: copy 0 was just used by the verification call
@@ -337,34 +339,68 @@ def base_row(ctx: Context, op: str, impl: Impl, case: Case) -> Dict[str, Any]:
 
 
 def bench_impls(ctx: Context, op: str, impls: Sequence[Impl], cases: Sequence[Case]) -> List[Dict[str, Any]]:
-    """Run every impl on every case (impls outer so weights and cold copies are built once per impl)."""
-    rows: List[Dict[str, Any]] = []
-    for impl in impls:
-        rows.extend(_bench_one_impl(ctx, op, impl, cases))
-        gc.collect()
+    """Run every impl on every case. Each impl is built once and verified on every case first; then each case
+    times its impls round robin (ctx.rounds rounds, each impl a share of its time budget per round), so load that
+    drifts during the run (a shared machine) hits every impl of a case alike and their ratios stay paired."""
+    preps = [_prepare_impl(ctx, op, impl, cases) for impl in impls]
+    rctx = dataclasses.replace(ctx, max_time=ctx.max_time / ctx.rounds, repeats=max(1, ctx.repeats // ctx.rounds),
+                               min_repeats=max(1, -(-ctx.min_repeats // ctx.rounds)))
+    for ci, case in enumerate(cases):
+        live = [p for p in preps if ci in p.calls]
+        samples: Dict[int, List[float]] = {id(p): [] for p in live}
+        for rnd in range(ctx.rounds):
+            for p in live:
+                calls, first = p.calls[ci]
+                try:
+                    if p.impl.enter is not None:
+                        p.impl.enter()
+                    samples[id(p)] += time_calls(rctx if rnd else dataclasses.replace(rctx, warmup_time=ctx.warmup_time),
+                                                 calls, first, warm=rnd == 0)
+                except Exception as e:  # noqa: BLE001
+                    p.rows[ci].update(status="error", note=_short(e))
+                    p.calls.pop(ci)
+                    break
+        for p in live:
+            row = p.rows[ci]
+            if row["status"] != "ok" or not samples[id(p)]:
+                continue
+            row.update(percentiles(samples[id(p)]))
+            row["samples"] = len(samples[id(p)])
+            if case.flops:
+                row["gops"] = case.flops / row["p50"] / 1e9
+            ctx.log(f"  {p.impl.name:<28} {_fmt_shape(case.shape)} {case.mode:<4} p50={row['p50'] * 1e3:9.3f} ms"
+                    f"  n={row['samples']}")
+    rows = [r for p in preps for r in p.rows]
+    preps = None
+    gc.collect()
     return rows
 
 
-def _bench_one_impl(ctx: Context, op: str, impl: Impl, cases: Sequence[Case]) -> List[Dict[str, Any]]:
-    rows = []
-    t_impl = time.perf_counter()
+@dataclasses.dataclass
+class _Prepared:
+    impl: Impl
+    rows: List[Dict[str, Any]]
+    calls: Dict[int, Tuple[List[Callable[[], Any]], float]]  # case index -> (calls in rotation, first call's s)
+    state: Any = None
+    copies: Optional[List[Any]] = None
+
+
+def _prepare_impl(ctx: Context, op: str, impl: Impl, cases: Sequence[Case]) -> _Prepared:
+    """Build the impl, verify it on every case against its oracle and prepare the timed calls (one per hot case,
+    a rotation over weight copies per cold case). Rows of cases it cannot run say why."""
+    p = _Prepared(impl, [base_row(ctx, op, impl, case) for case in cases], {})
     try:
         if impl.enter is not None:
             impl.enter()
-        state = impl.build()
+        p.state = impl.build()
     except Exception as e:  # noqa: BLE001 - an impl missing on this machine is a row, not a crash
-        for case in cases:
-            row = base_row(ctx, op, impl, case)
+        for row in p.rows:
             row.update(status="unavailable", note=_short(e))
-            rows.append(row)
         ctx.log(f"  {impl.name:<28} unavailable: {_short(e)}")
-        return rows
-    wbytes = _safe(lambda: int(impl.weight_bytes(state)))
-    copies: Optional[List[Any]] = None
-    for case in cases:
-        row = base_row(ctx, op, impl, case)
+        return p
+    wbytes = _safe(lambda: int(impl.weight_bytes(p.state)))
+    for ci, (case, row) in enumerate(zip(cases, p.rows)):
         row["weight_bytes"] = wbytes
-        rows.append(row)
         reason = impl.skip(case.shape, case.mode) if impl.skip else None
         if reason:
             row.update(status="skipped", note=reason)
@@ -372,12 +408,12 @@ def _bench_one_impl(ctx: Context, op: str, impl: Impl, cases: Sequence[Case]) ->
         x = case.x.to(impl.dtype)
         try:
             t0 = time.perf_counter()
-            y = impl.call(state, x)
+            y = impl.call(p.state, x)
             first = time.perf_counter() - t0
             if case.check_rows is not None:
-                err = rel_error(y[case.check_rows], impl.oracle(state, x[case.check_rows]))
+                err = rel_error(y[case.check_rows], impl.oracle(p.state, x[case.check_rows]))
             else:
-                err = rel_error(y, impl.oracle(state, x))
+                err = rel_error(y, impl.oracle(p.state, x))
             del y
             row["rel_err"] = err
             if not err <= impl.tol:
@@ -385,29 +421,16 @@ def _bench_one_impl(ctx: Context, op: str, impl: Impl, cases: Sequence[Case]) ->
                 ctx.log(f"  {impl.name:<28} {_fmt_shape(case.shape)} WRONG rel_err={err:.3g}")
                 continue
             if case.mode == "cold":
-                if copies is None:
-                    copies = _cold_copies(ctx, impl, state, wbytes)
-                calls = [functools.partial(impl.call, s, x) for s in copies]
+                if p.copies is None:
+                    p.copies = _cold_copies(ctx, impl, p.state, wbytes)
+                p.calls[ci] = ([functools.partial(impl.call, s, x) for s in p.copies], first)
+                row["note"] = f"{len(p.copies)} weight copies"
             else:
-                calls = [functools.partial(impl.call, state, x)]
-            samples = time_calls(ctx, calls, first)
+                p.calls[ci] = ([functools.partial(impl.call, p.state, x)], first)
         except Exception as e:  # noqa: BLE001
             row.update(status="error", note=_short(e))
             ctx.log(f"  {impl.name:<28} {_fmt_shape(case.shape)} ERROR {_short(e)}")
-            continue
-        row.update(percentiles(samples))
-        row["samples"] = len(samples)
-        if case.flops:
-            row["gops"] = case.flops / row["p50"] / 1e9
-        if case.mode == "cold" and copies is not None:
-            row["note"] = f"{len(copies)} weight copies"
-        ctx.log(f"  {impl.name:<28} {_fmt_shape(case.shape)} {case.mode:<4} p50={row['p50'] * 1e3:9.3f} ms"
-                f"  n={len(samples)}")
-    copies = None
-    state = None
-    gc.collect()
-    ctx.log(f"  ({impl.name}: {time.perf_counter() - t_impl:.1f} s)")
-    return rows
+    return p
 
 
 def _cold_copies(ctx: Context, impl: Impl, state: Any, wbytes: Optional[int]) -> List[Any]:
