@@ -104,23 +104,29 @@ def quality(models: Dict[str, Any], ids: torch.Tensor, window: int) -> Dict[str,
 
 
 @torch.no_grad()
-def speed(model, ids: torch.Tensor, s: Dict[str, int]) -> Dict[str, float]:
+def speed(models: Dict[str, Any], ids: torch.Tensor, s: Dict[str, int]) -> Dict[str, Dict[str, float]]:
+    """Prefill time and greedy decode speed per variant, measured round robin (each round times every variant
+    once), so load that drifts during the run on a shared machine hits every variant alike; medians."""
     x = ids[:, :s["prefill"]]
-    model(x[:, :16])  # warm-up
-    times = []
-    for _ in range(s["repeats"]):
-        t0 = time.perf_counter()
-        model(x, use_cache=True)
-        times.append(time.perf_counter() - t0)
     prompt = ids[:, :s["prompt"]]
     n = s["new_tokens"]
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-    model.generate(prompt, **dict(kw, max_new_tokens=2, min_new_tokens=2))  # warm-up
-    t0 = time.perf_counter()
-    out = model.generate(prompt, **kw)
-    dt = time.perf_counter() - t0
-    assert out.shape[1] == prompt.shape[1] + n, out.shape
-    return {"prefill_s": sorted(times)[len(times) // 2], "decode_tps": n / dt}
+    for model in models.values():  # warm-up
+        model(x[:, :16])
+        model.generate(prompt, **dict(kw, max_new_tokens=2, min_new_tokens=2))
+    pre: Dict[str, List[float]] = {name: [] for name in models}
+    dec: Dict[str, List[float]] = {name: [] for name in models}
+    for _ in range(s["repeats"]):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(x, use_cache=True)
+            pre[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = model.generate(prompt, **kw)
+            dec[name].append(n / (time.perf_counter() - t0))
+            assert out.shape[1] == prompt.shape[1] + n, out.shape
+    return {name: {"prefill_s": sorted(pre[name])[len(pre[name]) // 2],
+                   "decode_tps": sorted(dec[name])[len(dec[name]) // 2]} for name in models}
 
 
 def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
@@ -137,8 +143,9 @@ def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     models, info = build_variants(base)
     q = quality(models, ids, s["window"])
     rows = []
+    speeds = speed(models, ids, s)
     for name, m in models.items():
-        sp = speed(m, ids, s)
+        sp = speeds[name]
         print(f"[e2e] speed {name}: prefill {sp['prefill_s']:.3f} s, decode {sp['decode_tps']:.1f} tok/s",
               file=sys.stderr)
         row = {"op": "e2e", "model": "SmolLM2-135M-Instruct", "variant": name, **info[name], **sp,
