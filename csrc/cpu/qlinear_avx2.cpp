@@ -22,6 +22,12 @@ namespace {
 
 #define KS_UNROLL _Pragma("GCC unroll 16")
 
+// Software prefetch distance along a weight tile's stream (one 64-byte line per k step of the loops below).
+#ifndef KS_QL_PREFETCH
+#define KS_QL_PREFETCH 4096
+#endif
+constexpr int kPrefetchBytes = KS_QL_PREFETCH;
+
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -59,6 +65,7 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
     const int64_t kb = p.seg_begin(s), ke = p.seg_end(s);
     if constexpr (BITS == 8) {
       for (int64_t k = kb; k < ke; k += 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(wt + k * 16 + kPrefetchBytes), _MM_HINT_T0);
         const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * 16));
         const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * 16 + 32));
         const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
@@ -73,6 +80,7 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
       }
     } else {
       for (int64_t k = kb; k < ke; k += 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(wt + k * 8 + kPrefetchBytes), _MM_HINT_T0);
         const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * 8));
         const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + k * 8 + 32));
         const __m256i lo0 = _mm256_and_si256(raw0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(raw0, 4), low4);
