@@ -224,8 +224,8 @@ def self_check() -> None:
     ids = torch.randint(3, 256, (1, 64))
     q = quality({n: (patched if n != "fp32" else base) for n in QUALITY}, ids, 32)
     assert q["fp32"]["kl"] == 0 and q["int8"]["kl"] >= 0 and q["int8"]["ppl"] > 1
-    sp = speed(patched, ids, dict(prefill=32, prompt=4, new_tokens=4, repeats=1))
-    assert sp["decode_tps"] > 0
+    sp = speed({"fp32": base, "int8": patched}, ids, dict(prefill=32, prompt=4, new_tokens=4, repeats=2))
+    assert set(sp) == {"fp32", "int8"} and all(v["decode_tps"] > 0 and v["prefill_s"] > 0 for v in sp.values())
 
 
 def main(argv=None) -> int:

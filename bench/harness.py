@@ -260,7 +260,7 @@ def time_calls(ctx: Context, calls: Sequence[Callable[[], Any]], first_call_s: f
     for _ in range(n_warm):
         calls[idx % len(calls)]()
         idx += 1
-    lo = 1 if est > ctx.slow_call else (3 if est > ctx.max_time / ctx.min_repeats else ctx.min_repeats)
+    lo = 1 if est > ctx.slow_call else (min(3, ctx.min_repeats) if est > ctx.max_time / ctx.min_repeats else ctx.min_repeats)
     n = int(max(lo, min(ctx.repeats, ctx.max_time / est)))
     samples = []
     for _ in range(n):
@@ -344,7 +344,7 @@ def bench_impls(ctx: Context, op: str, impls: Sequence[Impl], cases: Sequence[Ca
     drifts during the run (a shared machine) hits every impl of a case alike and their ratios stay paired."""
     preps = [_prepare_impl(ctx, op, impl, cases) for impl in impls]
     rctx = dataclasses.replace(ctx, max_time=ctx.max_time / ctx.rounds, repeats=max(1, ctx.repeats // ctx.rounds),
-                               min_repeats=max(1, -(-ctx.min_repeats // ctx.rounds)))
+                               min_repeats=max(1, ctx.min_repeats // ctx.rounds))
     for ci, case in enumerate(cases):
         live = [p for p in preps if ci in p.calls]
         samples: Dict[int, List[float]] = {id(p): [] for p in live}
