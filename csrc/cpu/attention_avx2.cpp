@@ -10,28 +10,14 @@
 #include <cstring>
 
 #include "cpu/attention.h"
+#include "cpu/half.h"
 
 namespace kernswap {
 namespace cpu {
 namespace avx2 {
 namespace attn_detail {
 
-// Scalar conversions for the tails (< 8 elements) of a row.
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
+// The tails (< 8 elements) of a row use the scalar conversions of cpu/half.h.
 inline void to_f32(const void* src, DType t, int64_t n, float* dst) {
   int64_t i = 0;
   switch (t) {
