@@ -148,3 +148,28 @@ def test_unknown_family_is_refused():
 
     with pytest.raises(NotImplementedError, match="declared model family"):
         kernswap.patch(Toy(), attention="sparse", progress=False)
+
+
+def test_scalar_cpu_tier_leaves_attention_to_sdpa(spy):
+    """Where kernswap's CPU attention would run its portable scalar tier (slower than torch's SDPA), `auto`
+    runs transformers' dense SDPA instead: the block-sparse op is not called and the output is the dense one;
+    a forced backend="cpu" still runs kernswap's kernel."""
+    from kernswap import _ext
+
+    if "scalar" not in _ext.supported_isas():
+        pytest.skip(_ext.cpu_ext_reason() or "no scalar tier")
+    from conftest import use_isa
+
+    model = _model()
+    ids = torch.randint(3, 256, (1, 96))
+    with torch.no_grad(), use_isa("scalar"):
+        ref = model(ids).logits
+        kernswap.patch(model, attention=SPARSE, progress=False)
+        out = model(ids).logits
+        assert not spy
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        kernswap.unpatch(model)
+        kernswap.patch(model, attention=SparseAttentionConfig(**{**SPARSE.__dict__, "backend": "cpu"}),
+                       progress=False)
+        model(ids)
+        assert spy

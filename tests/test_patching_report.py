@@ -161,3 +161,17 @@ def test_report_names_cpu_tier(quant):
     assert len(notes) == 1 and f"kernswap's {tier} CPU kernels" in notes[0], report.notes
     rows = None if quant == "w8a8" else cpu_backend.dense_from_rows(8 if quant == "int8" else 4)
     assert (f">= {rows} rows run torch's fp32 GEMM" in notes[0]) == (rows is not None), notes[0]
+
+
+def test_report_names_attention_and_moe_tiers():
+    """With attention= and moe=, the report names the CPU tier of those kernels too."""
+    from kernswap import _ext
+
+    if not _ext.have_cpu_ext():
+        pytest.skip(_ext.cpu_ext_reason())
+    report = kernswap.patch(tiny_model("qwen2_moe"), attention="sparse", moe="fused", progress=False)
+    tier = _ext.op_isa("block_sparse_attention")
+    assert any(n.startswith(f"block-sparse attention runs kernswap's {tier} CPU kernels") for n in report.notes), \
+        report.notes
+    assert any(n.startswith(f"fused MoE experts run kernswap's {_ext.op_isa('moe_swiglu')} CPU kernels")
+               for n in report.notes), report.notes

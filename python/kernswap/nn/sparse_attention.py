@@ -82,7 +82,17 @@ def dense_reason(module, query, key, attention_mask, dropout: float, kwargs) -> 
         return "not a causal layer"
     if query.shape[2] > key.shape[2] or not _plain_causal(attention_mask, query.shape[2], key.shape[2]):
         return "attention mask with padding"
+    if query.device.type == "cpu" and cfg.backend.value == "auto" and scalar_cpu_tier():
+        return "kernswap's CPU attention runs its portable scalar tier here, slower than torch's SDPA"
     return None
+
+
+def scalar_cpu_tier() -> bool:
+    """True when kernswap's CPU attention kernel would run its portable scalar tier (no x86 SIMD tier on this
+    CPU, or forced): there `auto` leaves attention to torch's SDPA, which is faster."""
+    from .. import _ext
+
+    return _ext.op_isa("block_sparse_attention") == "scalar"
 
 
 class _KeyPool:

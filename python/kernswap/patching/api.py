@@ -164,14 +164,29 @@ def _describe(request: Dict[str, Any]) -> str:
         f", skip={request.get('skip')}"
 
 
-def _tier_notes(cfg: Optional[QuantConfig]) -> List[str]:
-    """The CPU tier the quantized layers will run with, and where `auto` hands a shape class to torch's GEMM."""
-    if cfg is None or cfg.backend.value not in ("auto", "cpu"):
-        return []
+def _tier_notes(request: Dict[str, Any]) -> List[str]:
+    """The CPU tiers the swapped ops will run with on this machine, and where `auto` hands a shape class (or a
+    whole op) to torch's own path because kernswap's kernel is not faster there."""
+    from .. import _ext
     from ..backends.cpu import tier_note
 
-    note = tier_note(cfg.weight_bits, cfg.dynamic_activations)
-    return [note] if note else []
+    notes = []
+    cfg = request.get("quant")
+    if cfg is not None and cfg.backend.value in ("auto", "cpu"):
+        note = tier_note(cfg.weight_bits, cfg.dynamic_activations)
+        notes += [note] if note else []
+    attn = request.get("attention")
+    tier = _ext.op_isa("block_sparse_attention")
+    if attn is not None and tier is not None and attn.backend.value in ("auto", "cpu"):
+        notes.append(f"block-sparse attention runs kernswap's {tier} CPU kernels" + (
+            "; on this CPU (scalar tier) auto leaves CPU attention to torch's SDPA, which is faster"
+            if tier == "scalar" and attn.backend.value == "auto" else ""))
+    moe = request.get("moe")
+    tier = _ext.op_isa("moe_swiglu")
+    if moe is not None and tier is not None:
+        notes.append(f"fused MoE experts run kernswap's {tier} CPU kernels" + (
+            " (portable loops: likely slower than transformers' experts on this CPU)" if tier == "scalar" else ""))
+    return notes
 
 
 def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: FamilySpec, *,
@@ -190,7 +205,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
                    "moe": _name(request.get("moe"))},
         notes=list(family.notes) + plan.notes,
     )
-    report.notes += _tier_notes(request.get("quant"))
+    report.notes += _tier_notes(request)
     report.memory_before = module_memory(model)
     records: List[Any] = []
     try:
