@@ -8,8 +8,9 @@
 //   int4 weights: nibbles 0..15 (u8) x digits (s8): |pair| <= 2 * 15 * 127, so the two nibble products of a
 //                 k-octet are added in int16 before widening; the zero-point is the engine's usual
 //                 -zero * sum(a) term at the flush.
-// Weight-only formats (three digits per activation) are used here for small M only: for larger M the Python
-// backend dequantizes panels of the weight (qdequant) and runs an fp32 GEMM, which does 3x less work.
+// Weight-only formats (three digits per activation) run here for M == 1 only; from 2 rows on the driver hands them
+// to the fp32 FMA kernel (qlinear_fma_avx2.cpp), and for large M the Python backend dequantizes panels of the
+// weight (qdequant) and runs torch's fp32 GEMM.
 #define KS_ISA_NS avx2
 #include <immintrin.h>
 
@@ -233,4 +234,7 @@ inline void compute_block(const Plan& p, const QLinearArgs& a, const Acts& acts,
 // 256-512 KiB of L2 per core.
 #define KS_QL_BLOCK_BYTES (256 << 10)
 #define KS_QL_OWN_DEQUANT_TILE
+// Weight-only calls of 2+ rows run the fp32 FMA kernel (qlinear_fma_avx2.cpp): one fp32 product per weight and
+// activation instead of this engine's three digit products. A single row stays here (DRAM-bound either way).
+#define KS_QL_FMA_FROM_ROWS 2
 #include "cpu/qlinear_driver.h"
