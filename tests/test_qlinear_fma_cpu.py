@@ -1,8 +1,8 @@
 """The AVX2 fp32 FMA kernel for weight-only formats (csrc/cpu/qlinear_fma_avx2.cpp) at its boundaries.
 
-The avx2 qlinear routes weight-only calls with M >= 2 to it; the backend sends M >= DENSE_FROM_ROWS rows to the
+The avx2 qlinear routes weight-only calls with M >= 8 (int8) / 16 (int4) to it; the backend sends M >= DENSE_FROM_ROWS rows to the
 torch-GEMM panels instead, so these tests pin the threshold off (the kernel runs at every M) and also run the
-routing as shipped. Boundaries: row tails of the 6-row micro-kernel (M = 2..7, 13), row blocks of 120 (M = 121,
+routing as shipped. Boundaries: row tails of the 6-row micro-kernel (M = 8..11, 13, 16..21), row blocks of 120 (M = 121,
 241), N not a multiple of 16, K not a multiple of 4 (int8) or of the 256-k chunk, K = 4096 with asymmetric
 int4 g32/g64, bias, bf16/fp16 inputs and outputs, strided rows. Every ISA of the build runs the same cases.
 """
@@ -57,7 +57,7 @@ def _check(fmt, m, n, k, dtype=torch.float32, bias=True, seed=0, x=None):
 
 
 @pytest.mark.parametrize("fmt", list(WO_FORMATS))
-@pytest.mark.parametrize("m", [2, 3, 4, 5, 6, 7, 13, 121, 241])
+@pytest.mark.parametrize("m", [2, 8, 9, 10, 11, 13, 16, 17, 19, 20, 21, 121, 241])
 def test_row_tails_and_blocks(fmt, m):
     with kernel_at_every_m():
         _check(fmt, m, 40, 384, bias=m % 2 == 1)
@@ -67,20 +67,20 @@ def test_row_tails_and_blocks(fmt, m):
 @pytest.mark.parametrize("n", [1, 15, 17, 33])
 def test_n_not_multiple_of_16(fmt, n):
     with kernel_at_every_m():
-        _check(fmt, 5, n, 256)
+        _check(fmt, 17, n, 256)
 
 
 @pytest.mark.parametrize("k", [4, 5, 7, 258, 261, 515])
 def test_int8_odd_k(k):
     """K % 4 != 0 (zero-padded quads) and K just past a 256-k chunk."""
     with kernel_at_every_m():
-        _check("int8", 7, 24, k)
+        _check("int8", 9, 24, k)
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32-asym", "int4-g64-asym", "int8"])
 def test_k4096(fmt):
     with kernel_at_every_m():
-        _check(fmt, 9, 40, 4096)
+        _check(fmt, 19, 40, 4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -88,20 +88,20 @@ def test_k4096(fmt):
 def test_half_inputs_and_outputs(fmt, dtype):
     with kernel_at_every_m():
         _check(fmt, 11, 50, 320, dtype=dtype)
-        _check(fmt, 3, 16, 128, dtype=dtype, bias=False)
+        _check(fmt, 16, 16, 128, dtype=dtype, bias=False)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4-g32-asym"])
 def test_strided_rows(fmt):
     """Rows with a stride larger than K (a column slice of a wider tensor)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 300, generator=g)[:, :256]
+    x = torch.randn(20, 300, generator=g)[:, :256]
     with kernel_at_every_m():
-        _check(fmt, 8, 24, 256, x=x)
+        _check(fmt, 20, 24, 256, x=x)
 
 
 @pytest.mark.parametrize("fmt", list(WO_FORMATS))
-@pytest.mark.parametrize("m", [1, 2, 16, 40])
+@pytest.mark.parametrize("m", [1, 2, 16, 40, 200])
 def test_as_shipped(fmt, m):
     """The routing as shipped (kernel, engine or torch-GEMM panels by M) on a 4096-wide layer."""
     _check(fmt, m, 72, 4096)

@@ -58,7 +58,7 @@ namespace avx2 {
 void qlinear(const QLinearArgs& args);
 void qdequant(const QDequantArgs& args);
 // Weight-only formats in fp32 FMA, dequantizing 16-row tiles into L1 (qlinear_fma_avx2.cpp); the avx2 qlinear
-// routes weight-only calls with M >= KS_QL_FMA_FROM_ROWS rows to it.
+// routes weight-only calls with M >= 8 (int8) / 16 (int4) rows to it.
 void qlinear_fma(const QLinearArgs& args);
 }
 namespace avx512_vnni { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
