@@ -54,7 +54,13 @@ void qdequant(const QDequantArgs& args);
 
 // Per-tier implementations (each in its own translation unit; the x86 ones are built for x86 targets only).
 namespace scalar { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
-namespace avx2 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx2 {
+void qlinear(const QLinearArgs& args);
+void qdequant(const QDequantArgs& args);
+// Weight-only formats in fp32 FMA, dequantizing 16-row tiles into L1 (qlinear_fma_avx2.cpp); the avx2 qlinear
+// routes weight-only calls with M >= 8 (int8) / 16 (int4) rows to it.
+void qlinear_fma(const QLinearArgs& args);
+}
 namespace avx512_vnni { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
 
 }  // namespace cpu

@@ -8,8 +8,9 @@
 //   int4 weights: nibbles 0..15 (u8) x digits (s8): |pair| <= 2 * 15 * 127, so the two nibble products of a
 //                 k-octet are added in int16 before widening; the zero-point is the engine's usual
 //                 -zero * sum(a) term at the flush.
-// Weight-only formats (three digits per activation) are used here for small M only: for larger M the Python
-// backend dequantizes panels of the weight (qdequant) and runs an fp32 GEMM, which does 3x less work.
+// Weight-only formats (three digits per activation) run here for M < 8 (int8) / 16 (int4); from there on the driver hands them
+// to the fp32 FMA kernel (qlinear_fma_avx2.cpp), and for large M the Python backend dequantizes panels of the
+// weight (qdequant) and runs torch's fp32 GEMM.
 #define KS_ISA_NS avx2
 #include <immintrin.h>
 
@@ -233,4 +234,10 @@ inline void compute_block(const Plan& p, const QLinearArgs& a, const Acts& acts,
 // 256-512 KiB of L2 per core.
 #define KS_QL_BLOCK_BYTES (256 << 10)
 #define KS_QL_OWN_DEQUANT_TILE
+// Weight-only calls from 8 (int8) / 16 (int4) rows on run the fp32 FMA kernel (qlinear_fma_avx2.cpp): one fp32
+// product per weight and activation instead of this engine's three digit products, but a dequantization of every
+// weight per row block. Measured (2 threads, 4096 x 4096 and 576 x 576): at M = 2 this engine is 1.3-3x faster
+// (the FMA kernel's dequantization dominates), at M = 16 the FMA kernel is 1.7-2.9x faster for int8 and
+// 0.8-1.9x for int4 (4096 x 4096 int4-g128 still slightly favours the engine); bench/qlinear_fma_sweep.py.
+#define KS_QL_FMA_FROM_ROWS (a.bits == 8 ? 8 : 16)
 #include "cpu/qlinear_driver.h"

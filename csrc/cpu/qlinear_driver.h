@@ -38,7 +38,13 @@ inline void run_qlinear(const QLinearArgs& a) {
   });
 }
 
-void qlinear(const QLinearArgs& a) { run_qlinear(a); }
+// A TU may route weight-only calls from KS_QL_FMA_FROM_ROWS rows on to its fp32 kernel `qlinear_fma`.
+void qlinear(const QLinearArgs& a) {
+#ifdef KS_QL_FMA_FROM_ROWS
+  if (!a.dynamic_act && a.M >= KS_QL_FMA_FROM_ROWS) return qlinear_fma(a);
+#endif
+  run_qlinear(a);
+}
 void qdequant(const QDequantArgs& a) { run_qdequant(a); }
 
 }  // namespace KS_ISA_NS

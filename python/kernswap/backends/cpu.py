@@ -16,7 +16,9 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # VNNI engine stays faster than the fp32 GEMM at every M). Measured on an AVX2 EPYC, one thread, engine vs
 # dequantized panels: int8 crosses at 8-16 rows (16 for 4096 x 4096, ~12 for the 576-1536 wide SmolLM2 layers),
 # int4 at 16-32; the scalar engine (plain loops) loses from 2 rows on but wins at 1 (no panel to dequantize).
-DENSE_FROM_ROWS = {"avx512_vnni": {8: None, 4: None}, "avx2": {8: 12, 4: 24}, "scalar": {8: 2, 4: 2}}
+# avx2 since the fp32 FMA kernel (csrc/cpu/qlinear_fma_avx2.cpp, from 8/16 rows): it beats the panels up to ~128
+# rows on 4096 x 4096 and the 576/1536 shapes; at 256 the two are within noise (bench/qlinear_fma_sweep.py).
+DENSE_FROM_ROWS = {"avx512_vnni": {8: None, 4: None}, "avx2": {8: 192, 4: 192}, "scalar": {8: 2, 4: 2}}
 # fp32 bytes of one dequantized panel (kept in the last-level cache while the GEMM reads it)
 _PANEL_BYTES = 4 << 20
 _scratch = threading.local()
