@@ -11,13 +11,12 @@ __all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Weight-only formats: from this many rows on, the runner dequantizes panels of the weight (kernswap._C.qdequant)
-# and runs torch's fp32 GEMM on them instead of the integer engine, whose three activation digits per value cost
-# three times the products. Per kernel tier of the quantized-linear op, per weight bits; None: never (the AVX-512
-# VNNI engine stays faster than the fp32 GEMM at every M). Measured on an AVX2 EPYC, one thread, engine vs
-# dequantized panels: int8 crosses at 8-16 rows (16 for 4096 x 4096, ~12 for the 576-1536 wide SmolLM2 layers),
-# int4 at 16-32; the scalar engine (plain loops) loses from 2 rows on but wins at 1 (no panel to dequantize).
-# avx2 since the fp32 FMA kernel (csrc/cpu/qlinear_fma_avx2.cpp, from 8/16 rows): it beats the panels up to ~128
-# rows on 4096 x 4096 and the 576/1536 shapes; at 256 the two are within noise (bench/qlinear_fma_sweep.py).
+# and runs torch's fp32 GEMM on them instead of kernswap's kernel. Per kernel tier of the quantized-linear op, per
+# weight bits; None: never (the AVX-512 VNNI engine stays faster than the fp32 GEMM at every M). Measured on an
+# AVX2 EPYC (2 threads, bench/qlinear_fma_sweep.py): the avx2 tier's fp32 FMA kernel (from 8 / 16 rows, below
+# that the integer engine) beats the panels up to ~128 rows on 4096 x 4096 and the 576/1536-wide SmolLM2 shapes,
+# at 256 the two are within noise; the scalar engine (plain loops) loses to the panels from 2 rows on but wins at
+# 1 (no panel to dequantize).
 DENSE_FROM_ROWS = {"avx512_vnni": {8: None, 4: None}, "avx2": {8: 192, 4: 192}, "scalar": {8: 2, 4: 2}}
 # fp32 bytes of one dequantized panel (kept in the last-level cache while the GEMM reads it)
 _PANEL_BYTES = 4 << 20
@@ -56,8 +55,8 @@ def tier_note(bits: int, dynamic_act: bool) -> Optional[str]:
     note = f"quantized linear ({fmt}) runs kernswap's {isa} CPU kernels (best tier here: {_ext.cpu_isa()})"
     rows = None if dynamic_act else dense_from_rows(bits, isa)
     if rows is not None:
-        note += (f"; calls with >= {rows} rows run torch's fp32 GEMM on weight panels dequantized by kernswap, "
-                 f"faster on this tier than the integer engine (whose weight-only form does 3x the products)")
+        note += (f"; calls with >= {rows} rows run torch's fp32 GEMM on weight panels dequantized by kernswap "
+                 f"(faster there on this tier)")
     return note
 
 
