@@ -93,3 +93,24 @@ def test_route_opcheck(backend):
 ])
 def test_route_bad_inputs(call, exc, msg):
     assert_raises(call, exc, msg)
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(scoring="relu"), ValueError, "scoring must be one of"),
+    (dict(order="sorted"), ValueError, "order must be one of"),
+    (dict(top_k=9), ValueError, "top_k"),
+    (dict(scoring="sigmoid", correction_bias=torch.zeros(3)), ValueError, "correction_bias must have shape"),
+])
+def test_registered_op_checks_its_arguments(kw, exc, msg):
+    """torch.ops.kernswap.moe_route (what torch.compile and users call) refuses bad arguments with the same clear
+    messages as the wrapper, on real and on meta tensors (its fake kernel), instead of a bare KeyError or garbage."""
+    args = dict(top_k=2, renormalize=True, scoring="softmax", order="softmax_topk", correction_bias=None)
+    args.update(kw)
+    for device in ("cpu", "meta"):
+        logits = torch.randn(5, 8, device=device)
+        if args["correction_bias"] is not None:
+            args["correction_bias"] = args["correction_bias"].to(device)
+        with pytest.raises(exc) as ei:
+            torch.ops.kernswap.moe_route(logits, args["top_k"], args["renormalize"], args["scoring"], args["order"],
+                                         args["correction_bias"], "auto")
+        assert "torch.ops.kernswap.moe_route" in str(ei.value) and msg in str(ei.value), str(ei.value)

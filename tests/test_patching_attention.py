@@ -173,3 +173,17 @@ def test_scalar_cpu_tier_leaves_attention_to_sdpa(spy):
                        progress=False)
         model(ids)
         assert spy
+
+
+def test_unpatch_after_decode_leaves_no_key_pool(spy):
+    """Decoding with sparse attention gives each attention module a key pool; unpatch removes it with the rest."""
+    model = _model()
+    ids = torch.randint(3, 256, (1, 40))
+    with torch.no_grad():
+        kernswap.patch(model, attention=SPARSE, progress=False)
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert any(q[2] == 1 for q, _, _ in spy)  # decode steps took the sparse path (and built the pools)
+    assert any(sa.POOL_ATTR in m.__dict__ for m in model.modules())
+    kernswap.unpatch(model)
+    left = [n for n, m in model.named_modules() if sa.POOL_ATTR in m.__dict__ or sa.MODULE_ATTR in m.__dict__]
+    assert not left, left

@@ -111,3 +111,18 @@ def test_quantized_experts_and_sparse_attention_round_trip(tmp_path, family):
         assert loaded.config._attn_implementation == "kernswap_sparse"
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, ref)
+
+
+def test_truncated_plan_file_names_the_file(tmp_path):
+    """A truncated kernswap_patch.json gives a ValueError that names the file, not a bare JSONDecodeError."""
+    model = tiny_model("llama")
+    kernswap.patch(model, quant="int8", progress=False)
+    save_quantized(model, tmp_path)
+    path = os.path.join(tmp_path, "kernswap_patch.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[: len(text) // 2])
+    with pytest.raises(ValueError) as ei:
+        load_quantized(str(tmp_path))
+    assert "kernswap_patch.json" in str(ei.value) and "not a valid kernswap plan" in str(ei.value), str(ei.value)

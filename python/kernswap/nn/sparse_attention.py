@@ -19,11 +19,12 @@ import torch
 from ..ops.block_sparse_attention import block_sparse_attention
 from ..sparse.masks import topk_block_mask
 
-__all__ = ["ATTN_NAME", "MODULE_ATTR", "sparse_attention_forward", "register_with_transformers", "dense_reason"]
+__all__ = ["ATTN_NAME", "MODULE_ATTR", "POOL_ATTR", "sparse_attention_forward", "register_with_transformers",
+           "dense_reason"]
 
 ATTN_NAME = "kernswap_sparse"
 MODULE_ATTR = "_kernswap_sparse_attention"  # per attention module: its SparseAttentionConfig
-_POOL_ATTR = "_kernswap_key_pool"
+POOL_ATTR = "_kernswap_key_pool"  # per-module decode state, created on first use; unpatch removes it
 
 
 def register_with_transformers() -> None:
@@ -123,9 +124,9 @@ class _KeyPool:
 
 
 def _pool_of(module) -> _KeyPool:
-    pool = module.__dict__.get(_POOL_ATTR)
+    pool = module.__dict__.get(POOL_ATTR)
     if pool is None:
-        pool = module.__dict__[_POOL_ATTR] = _KeyPool()
+        pool = module.__dict__[POOL_ATTR] = _KeyPool()
     return pool
 
 

@@ -26,15 +26,28 @@ def _run(router_logits, top_k, renormalize, scoring, order, correction_bias, bac
     return mod.route(router_logits, top_k, renormalize, scoring, order, correction_bias)
 
 
+def _check_op_args(router_logits, top_k, renormalize, scoring, order, correction_bias) -> None:
+    """The registered op's own checks (torch.ops.kernswap.moe_route is called by torch.compile, opcheck and users
+    directly): the same rules as the wrapper's, on the op's 2-D logits."""
+    fn = "torch.ops.kernswap.moe_route"
+    check_tensor(fn, "router_logits", router_logits, dtypes=FLOAT_DTYPES, dim=2)
+    if router_logits.shape[1] == 0:
+        raise ValueError(f"{fn}: router_logits must be [tokens, num_experts > 0], got {list(router_logits.shape)}")
+    check_route_args(fn, router_logits.shape[1], top_k, renormalize, scoring, order, correction_bias,
+                     router_logits.device)
+
+
 @torch.library.custom_op("kernswap::moe_route", mutates_args=())
 def _moe_route_op(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str, order: str,
                   correction_bias: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_op_args(router_logits, top_k, renormalize, scoring, order, correction_bias)
     w, ids = _run(router_logits, top_k, renormalize, scoring, order, correction_bias, backend)
     return w, ids
 
 
 @_moe_route_op.register_fake
 def _moe_route_fake(router_logits, top_k, renormalize, scoring, order, correction_bias, backend):
+    _check_op_args(router_logits, top_k, renormalize, scoring, order, correction_bias)
     t = router_logits.shape[0]
     return (router_logits.new_empty(t, top_k, dtype=torch.float32),
             router_logits.new_empty(t, top_k, dtype=torch.int32))

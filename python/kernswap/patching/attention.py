@@ -12,7 +12,7 @@ from typing import Any, List
 from torch import nn
 
 from ..config import SparseAttentionConfig
-from ..nn.sparse_attention import ATTN_NAME, MODULE_ATTR, register_with_transformers
+from ..nn.sparse_attention import ATTN_NAME, MODULE_ATTR, POOL_ATTR, register_with_transformers
 from .families import FamilySpec, match_any
 from .rules import Action, Plan, Skip
 
@@ -79,7 +79,8 @@ class AttentionRule:
 
     def _tag(self, mod: nn.Module):
         def run() -> List[AttrSet]:
-            return [_set(mod, MODULE_ATTR, self.config)]
+            # the key pool is created later, by the first decode step: its record removes it on unpatch
+            return [_set(mod, MODULE_ATTR, self.config), AttrSet(mod, POOL_ATTR, mod.__dict__.get(POOL_ATTR, _MISSING))]
 
         return run
 

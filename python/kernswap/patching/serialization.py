@@ -82,7 +82,11 @@ def read_plan(directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = No
     path = os.path.join(directory, PLAN_FILE)
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"load_quantized: {path!r} is not a valid kernswap plan (truncated or edited JSON: "
+                                 f"{e}); save the model again with kernswap.patching.save_quantized") from e
     sd = state_dict if state_dict is not None else _load_weights(directory)
     if PLAN_BUFFER not in sd:
         raise ValueError(f"load_quantized: {directory!r} holds no kernswap plan ({PLAN_FILE} or a "
