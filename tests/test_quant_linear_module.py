@@ -140,3 +140,22 @@ def test_eager_inference_path_matches_op(fmt, ctx):
         torch.testing.assert_close(q(x.double().float()[:, :, :].transpose(0, 1)).transpose(0, 1), expected)
         with pytest.raises(ValueError, match="in_features=96, got 95"):
             q(torch.randn(2, 95))
+
+
+def test_pickle_and_deepcopy_after_a_cached_forward(tmp_path):
+    """After an eager no_grad forward (which caches a prepared runner) the module still saves with torch.save,
+    loads back and deep-copies; the copies compute the same result and never share the cached runner."""
+    import copy
+
+    lin = torch.nn.Linear(64, 40)
+    q = QuantLinear.from_linear(lin, QuantConfig.from_any("int8"))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = q(x)
+        path = tmp_path / "q.pt"
+        torch.save(q, path)
+        q2 = torch.load(path, weights_only=False)
+        q3 = copy.deepcopy(q)
+        for other in (q2, q3):
+            assert "_runner_cache" not in other.__dict__
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0)

@@ -18,6 +18,7 @@ from ..config import QuantConfig
 from ..formats.base import layout
 from ..formats.experts import QuantizedExperts, quantize_experts
 from ..ops._dispatch import eager_fast_path
+from ._state import CachedRunnerModule
 from ..ops.fused_moe import fused_moe
 
 __all__ = ["FusedExperts", "experts_quant_config"]
@@ -44,7 +45,7 @@ def _meta(cfg_gu: QuantConfig, cfg_d: QuantConfig, e: int, h: int, i: int) -> to
                          int(cfg_gu.symmetric), int(cfg_gu.dynamic_activations), e, h, i], dtype=torch.int64)
 
 
-class FusedExperts(nn.Module):
+class FusedExperts(CachedRunnerModule):
     """All experts of one MoE layer in one fused op (see module doc). ``quant``: None (float weights) or a
     QuantConfig/shortcut; int4 group sizes are lowered per projection when they do not divide its in_features."""
 

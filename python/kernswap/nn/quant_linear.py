@@ -9,6 +9,7 @@ from ..formats import QuantizedWeight, layout, quantize
 from .. import _ext
 from ..backends import cpu as _cpu_backend
 from ..ops._dispatch import eager_fast_path
+from ._state import CachedRunnerModule
 from ..ops.quantized_linear import quantized_linear
 
 __all__ = ["QuantLinear"]
@@ -29,7 +30,7 @@ def _describe_meta(meta) -> str:
             f"in_features={k}, out_features={n}")
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(CachedRunnerModule):
     """y = x @ W^T + b with W stored packed (int8 per channel or int4 group-wise; see kernswap.formats).
 
     Buffers: ``packed`` (int8/uint8), ``scale`` (always fp32), ``zero`` (uint8, asymmetric int4 only),
