@@ -96,3 +96,24 @@ def test_qwen3_dense_layer_untouched_and_bad_moe_config():
     assert [n for n, _, _ in rep.swapped] == ["model.layers.0.mlp.experts"]
     assert_raises(lambda: MoERule("sparse", None), ValueError, "moe must be a kernswap.MoEConfig or 'fused'")
     assert_raises(lambda: FusedExperts(0, 8, 8), ValueError, "num_experts must be an int > 0, got 0")
+
+
+def test_fused_experts_data_assignment_is_never_stale():
+    """Float FusedExperts: replacing gate_up_proj's `.data` after a cached eager call is seen by the next call."""
+    torch.manual_seed(0)
+    e, h, i, t, k = 4, 32, 48, 5, 2
+    fx = FusedExperts(e, h, i)
+    with torch.no_grad():
+        fx.gate_up_proj.normal_(0, 0.1)
+        fx.down_proj.normal_(0, 0.1)
+        x = torch.randn(t, h)
+        ids = torch.randint(0, e, (t, k))
+        w = torch.rand(t, k)
+        y = fx(x, ids, w)
+        fx.gate_up_proj.data = fx.gate_up_proj.data * 2
+        y2 = fx(x, ids, w)
+        ref = FusedExperts(e, h, i, backend="reference")
+        ref.gate_up_proj.copy_(fx.gate_up_proj)
+        ref.down_proj.copy_(fx.down_proj)
+        torch.testing.assert_close(y2, ref(x, ids, w), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(y2, y)

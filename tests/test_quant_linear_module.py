@@ -159,3 +159,22 @@ def test_pickle_and_deepcopy_after_a_cached_forward(tmp_path):
         for other in (q2, q3):
             assert "_runner_cache" not in other.__dict__
             torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w4a8-g128"])
+def test_data_assignment_is_never_stale(fmt):
+    """The eager runner and the QuantizedWeight view are rebuilt (and re-validated) when a buffer's `.data` or a
+    bias is replaced: the kernel never reads freed storage or the old values."""
+    lin = torch.nn.Linear(256, 40)
+    q = QuantLinear.from_linear(lin, FORMATS[fmt])
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        y = q(x)
+        q.scale.data = q.scale.data * 2  # new storage, same Parameter/buffer object
+        q.bias.data = q.bias.data + 1.0
+        want = quantized_linear(x, q.qweight, q.bias, backend="reference")
+        torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(q(x), y)
+        q.packed.data = q.packed.data[:1].clone()  # too small for the layer: refused, never read out of bounds
+        with pytest.raises(ValueError, match="packed"):
+            q(x)

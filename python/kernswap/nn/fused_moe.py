@@ -18,7 +18,7 @@ from ..config import QuantConfig
 from ..formats.base import layout
 from ..formats.experts import QuantizedExperts, quantize_experts
 from ..ops._dispatch import eager_fast_path
-from ._state import CachedRunnerModule
+from ._state import CachedRunnerModule, tensor_key
 from ..ops.fused_moe import fused_moe
 
 __all__ = ["FusedExperts", "experts_quant_config"]
@@ -118,7 +118,7 @@ class FusedExperts(CachedRunnerModule):
         """(w_gate_up, w_down): float tensors or QuantizedExperts views of the buffers."""
         if self.quant is None:
             return self.gate_up_proj, self.down_proj
-        key = tuple(id(getattr(self, f"{p}_{q}")) for p in ("gate_up", "down") for q in ("packed", "scale", "zero"))
+        key = tensor_key(*(getattr(self, f"{p}_{q}") for p in ("gate_up", "down") for q in ("packed", "scale", "zero")))
         cached = self.__dict__.get("_weights_cache")
         if cached is None or cached[0] != key:
             e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
@@ -155,7 +155,7 @@ class FusedExperts(CachedRunnerModule):
         wgu, wd = self.weights()
         if isinstance(wgu, torch.Tensor) and (wgu.device.type != "cpu" or not eager_fast_path(wgu, wd)):
             return None  # (weights that record autograd go through the op, which says it has no backward)
-        key = (id(wgu), id(wd), _version(wgu), _version(wd), id(_ext.get_C()))
+        key = (tensor_key(wgu, wd) if isinstance(wgu, torch.Tensor) else (id(wgu), id(wd))) + (id(_ext.get_C()),)
         cached = self.__dict__.get("_runner_cache")
         if cached is None or cached[0] != key:
             from ..backends import moe_cpu
@@ -200,13 +200,6 @@ class FusedExperts(CachedRunnerModule):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-
-def _version(t) -> int:
-    """In-place modification counter of a float weight (inference tensors have none: they cannot change)."""
-    if not isinstance(t, torch.Tensor) or t.is_inference():
-        return 0
-    return t._version
 
 
 def unsupported_reason(experts: nn.Module) -> Optional[str]:

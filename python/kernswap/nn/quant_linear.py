@@ -9,7 +9,7 @@ from ..formats import QuantizedWeight, layout, quantize
 from .. import _ext
 from ..backends import cpu as _cpu_backend
 from ..ops._dispatch import eager_fast_path
-from ._state import CachedRunnerModule
+from ._state import CachedRunnerModule, tensor_key
 from ..ops.quantized_linear import quantized_linear
 
 __all__ = ["QuantLinear"]
@@ -106,7 +106,7 @@ class QuantLinear(CachedRunnerModule):
     @property
     def qweight(self) -> QuantizedWeight:
         """The buffers viewed as a QuantizedWeight (no copy; rebuilt only when a buffer object changes)."""
-        key = (id(self.packed), id(self.scale), id(self.zero))
+        key = tensor_key(self.packed, self.scale, self.zero)  # a replaced `.data` is re-validated below
         cached = self.__dict__.get("_qweight_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -140,8 +140,7 @@ class QuantLinear(CachedRunnerModule):
                 or self.packed.device.type != "cpu" or not eager_fast_path(x, self.bias)):
             return None
         b = self.bias
-        key = (id(self.packed), id(self.scale), id(self.zero), id(b), None if b is None else b._version,
-               id(_ext.get_C()))
+        key = tensor_key(self.packed, self.scale, self.zero, b) + (id(_ext.get_C()),)
         cached = self.__dict__.get("_runner_cache")
         if cached is None or cached[0] != key:
             qw = self.qweight
