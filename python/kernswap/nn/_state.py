@@ -18,7 +18,9 @@ def version(t) -> int:
 def tensor_key(*tensors) -> tuple:
     """What a cache derived from these tensors depends on: the object, the storage it views now (data pointer,
     shape, strides, dtype: a `.data = ...` assignment keeps the object but changes these) and its in-place version.
-    None stays None."""
+    None stays None. While torch.compile traces, the objects alone (the traced graph guards on the rest)."""
+    if torch.compiler.is_compiling():
+        return tuple(id(t) for t in tensors)
     return tuple(None if t is None else
                  (id(t), t.data_ptr() if t.device.type != "meta" else 0, tuple(t.shape), t.stride(), t.dtype,
                   version(t)) for t in tensors)
