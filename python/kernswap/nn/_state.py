@@ -2,28 +2,21 @@
 import torch
 import torch.nn as nn
 
-__all__ = ["CachedRunnerModule", "tensor_key", "version"]
+__all__ = ["CachedRunnerModule", "tensor_key"]
 
 # per-instance caches derived from the buffers (rebuilt on the next call): never part of a saved module
 CACHE_ATTRS = ("_runner_cache", "_qweight_cache", "_weights_cache")
 
 
-def version(t) -> int:
-    """In-place modification counter of a tensor (inference tensors have none: they cannot change)."""
-    if not isinstance(t, torch.Tensor) or t.is_inference():
-        return 0
-    return t._version
-
-
 def tensor_key(*tensors) -> tuple:
-    """What a cache derived from these tensors depends on: the object, the storage it views now (data pointer,
-    shape, strides, dtype: a `.data = ...` assignment keeps the object but changes these) and its in-place version.
-    None stays None. While torch.compile traces, the objects alone (the traced graph guards on the rest)."""
+    """What a cache derived from these tensors depends on: the object, the storage it views now (data pointer and
+    shape: a `.data = ...` assignment keeps the object but changes them) and its in-place version; about 1 us a
+    tensor (it runs on every eager call). None stays None. While torch.compile traces, the objects alone (the
+    traced graph guards on the rest)."""
     if torch.compiler.is_compiling():
         return tuple(id(t) for t in tensors)
-    return tuple(None if t is None else
-                 (id(t), t.data_ptr() if t.device.type != "meta" else 0, tuple(t.shape), t.stride(), t.dtype,
-                  version(t)) for t in tensors)
+    return tuple(None if t is None else (id(t), t.data_ptr(), t.shape, 0 if t.is_inference() else t._version)
+                 for t in tensors)
 
 
 class CachedRunnerModule(nn.Module):
