@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include "cpu/qlinear_common.h"
+#include "cpu/qlinear_dequant.h"
 
 namespace kernswap {
 namespace cpu {
@@ -155,28 +156,8 @@ void block(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, in
 // Dequantization of a 16-row tile (contract in qlinear_dequant.h): each 8-byte chunk of a 64-byte k-block holds
 // two rows' bytes (4 k each): widened to 8 int32 lanes, converted, scaled (int4: (q - z) * s, rounded as the format's
 // dequantize() does) and stored as 16 bytes (int8) or 32 bytes (int4: low nibbles k..k+3, high nibbles k+4..k+7) per row.
-// Full tiles only; partial ones (r0 > 0 or r1 < 16) take the plain loop.
-inline void dequant_tile_plain(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r1) {
-  for (int64_t nn = r0; nn < r1; ++nn) {
-    const int64_t n = t * 16 + nn;
-    float* dst = a.out + (n - a.n0) * a.ld;
-    if (a.bits == 8) {
-      const int8_t* tile = reinterpret_cast<const int8_t*>(a.packed) + t * ((a.K + 3) / 4 * 4) * 16;
-      for (int64_t k = 0; k < a.K; ++k) dst[k] = static_cast<float>(tile[(k / 4) * 64 + nn * 4 + k % 4]) * a.scale[n];
-      continue;
-    }
-    const int64_t Np = (a.N + 15) / 16 * 16;
-    const uint8_t* tile = a.packed + t * a.K * 8;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t g = k / a.group_size;
-      const uint8_t b = tile[(k / 8) * 64 + nn * 4 + k % 4];
-      const float z = a.zero ? static_cast<float>(a.zero[g * Np + n]) : 8.f;
-      dst[k] = (static_cast<float>((k % 8) < 4 ? (b & 0x0F) : (b >> 4)) - z) * a.scale[g * Np + n];
-    }
-  }
-}
-
-inline void dequant_tile(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r1) {
+// Full tiles only; partial ones (r0 > 0 or r1 < 16) take the shared plain loop (qlinear_dequant.h).
+inline void dequant_tile_avx2(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r1) {
   if (r0 != 0 || r1 != 16 || (a.bits == 8 && a.K % 4 != 0)) return dequant_tile_plain(a, t, r0, r1);
   const int64_t n0 = t * 16, Np = (a.N + 15) / 16 * 16;
   float* out = a.out + (n0 - a.n0) * a.ld;
@@ -233,7 +214,7 @@ inline void compute_block(const Plan& p, const QLinearArgs& a, const Acts& acts,
 // The weight block of a task (packed bytes that stay cached while its row blocks pass): AVX2 machines have
 // 256-512 KiB of L2 per core.
 #define KS_QL_BLOCK_BYTES (256 << 10)
-#define KS_QL_OWN_DEQUANT_TILE
+#define KS_QL_DEQUANT_TILE dequant_tile_avx2
 // Weight-only calls from 8 (int8) / 16 (int4) rows on run the fp32 FMA kernel (qlinear_fma_avx2.cpp): one fp32
 // product per weight and activation instead of this engine's three digit products, but a dequantization of every
 // weight per row block. Measured (2 threads, 4096 x 4096 and 576 x 576): at M = 2 this engine is 1.3-3x faster

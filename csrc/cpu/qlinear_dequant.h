@@ -15,9 +15,9 @@ namespace kernswap {
 namespace cpu {
 namespace KS_ISA_NS {
 
-// Rows [r0, r1) of 16-row tile t; a TU may bring its own (KS_QL_OWN_DEQUANT_TILE) with the same contract.
-#ifndef KS_QL_OWN_DEQUANT_TILE
-inline void dequant_tile(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r1) {
+// Rows [r0, r1) of 16-row tile t, plain loops. A TU may bring a vectorised tile function with the same contract
+// (KS_QL_DEQUANT_TILE, qlinear_driver.h) and keep this one for partial tiles.
+inline void dequant_tile_plain(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r1) {
   const int64_t Np = (a.N + 15) / 16 * 16;
   if (a.bits == 8) {
     const int64_t kpad = (a.K + 3) / 4 * 4;
@@ -48,9 +48,10 @@ inline void dequant_tile(const QDequantArgs& a, int64_t t, int64_t r0, int64_t r
     }
   }
 }
-#endif
 
-inline void run_qdequant(const QDequantArgs& a) {
+// Every requested row, tile by tile through `tile` (a function with dequant_tile_plain's contract).
+template <class TileFn>
+inline void run_qdequant(const QDequantArgs& a, TileFn tile) {
   if (a.n1 <= a.n0) return;
   const int64_t t0 = a.n0 / 16, t1 = (a.n1 + 15) / 16;
   const double work = static_cast<double>(a.n1 - a.n0) * a.K;
@@ -59,7 +60,7 @@ inline void run_qdequant(const QDequantArgs& a) {
   const int threads = work >= (1 << 22) ? a.num_threads : 1;
   parallel_for(t1 - t0, threads, [&](int64_t b, int64_t e) {
     for (int64_t t = t0 + b; t < t0 + e; ++t)
-      dequant_tile(a, t, std::max<int64_t>(0, a.n0 - t * 16), std::min<int64_t>(16, a.n1 - t * 16));
+      tile(a, t, std::max<int64_t>(0, a.n0 - t * 16), std::min<int64_t>(16, a.n1 - t * 16));
   });
 }
 

@@ -45,7 +45,11 @@ void qlinear(const QLinearArgs& a) {
 #endif
   run_qlinear(a);
 }
-void qdequant(const QDequantArgs& a) { run_qdequant(a); }
+// A TU may dequantize whole tiles with its own vectorised function (KS_QL_DEQUANT_TILE).
+#ifndef KS_QL_DEQUANT_TILE
+#define KS_QL_DEQUANT_TILE dequant_tile_plain
+#endif
+void qdequant(const QDequantArgs& a) { run_qdequant(a, KS_QL_DEQUANT_TILE); }
 
 }  // namespace KS_ISA_NS
 }  // namespace cpu
