@@ -7,7 +7,8 @@ Sets DENSE_FROM_ROWS["avx2"] (backends/cpu.py). Each (N, K, M, format) case time
            tree, the integer engine), DENSE_FROM_ROWS off
   dense:   kernswap's torch-GEMM path (qdequant panels + torch.mm), DENSE_FROM_ROWS = 1
 Each impl is checked against kernswap.reference.reference_linear before timing.
-Usage: PYTHONPATH=python python bench/qlinear_fma_sweep.py [--out rows.json] [--quick]
+Usage: PYTHONPATH=python python bench/qlinear_fma_sweep.py [--out rows.json] [--quick] [--ms 128,256,512]
+       [--small] (--small: only the 576/1536-wide SmolLM2 shapes)
 """
 import json
 import math
@@ -43,6 +44,10 @@ def main():
     quick = "--quick" in sys.argv
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     shapes, ms = (SHAPES[1:2], [2, 16]) if quick else (SHAPES, MS)
+    if "--ms" in sys.argv:
+        ms = [int(v) for v in sys.argv[sys.argv.index("--ms") + 1].split(",")]
+    if "--small" in sys.argv:
+        shapes = SHAPES[1:]
     rows = []
     print(f"{'N':>5} {'K':>5} {'fmt':>9} {'M':>4} {'flinear ms':>10} {'kernel ms':>10} {'dense ms':>9} "
           f"{'kern/FL':>8} {'dense/FL':>8}   (ratios: F.linear time / impl time, > 1 = faster than F.linear)")

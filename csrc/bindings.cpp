@@ -8,6 +8,11 @@
 
 #include "bind_registry.h"
 #include "cpu/dispatch.h"
+#include "cpu/parallel.h"
+#include "cpu/parallel_host.h"
+
+#include <atomic>
+#include <vector>
 
 namespace py = pybind11;
 using namespace kernswap::cpu;
@@ -37,6 +42,30 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       py::arg("name"), "Force the CPU tier (a supported one, for tests); '' restores the automatic choice.");
+  m.def("parallel_backend", [] { return parallel_backend(); },
+        "What the CPU kernels' threads run on: torch's OpenMP team when the process has loaded one.");
+  m.def(
+      "parallel_selftest",
+      [](int64_t n, int threads, bool nested) {
+        if (n < 0 || n > (1 << 20)) throw std::invalid_argument("parallel_selftest: n must be in [0, 2^20]");
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+        py::gil_scoped_release nogil;
+        parallel_for(n, threads, [&](int64_t b, int64_t e) {
+          if (!nested) {
+            for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+            return;
+          }
+          parallel_for(e - b, threads, [&](int64_t b2, int64_t e2) {  // a kernel calling parallel_for again
+            for (int64_t i = b + b2; i < b + e2; ++i) hits[i].fetch_add(1);
+          });
+        });
+        int64_t once = 0;
+        for (auto& h : hits) once += h.load() == 1;
+        return once;
+      },
+      py::arg("n"), py::arg("threads"), py::arg("nested") = false,
+      "Test hook: runs parallel_for over [0, n) (each part calling parallel_for again when nested) and returns "
+      "how many indices ran exactly once (n when the split is right).");
   m.def(
       "cpu_features",
       [] {

@@ -1,5 +1,7 @@
 #include "cpu/parallel.h"
 
+#include "cpu/parallel_host.h"
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -8,16 +10,27 @@
 #include <thread>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define KS_HAVE_ATFORK 1
+#endif
+
 namespace kernswap {
 namespace cpu {
 namespace {
+
+// True on a thread while it runs a part of a pool job (caller or worker).
+bool& in_job() {
+  static thread_local bool v = false;
+  return v;
+}
 
 class Pool {
  public:
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+      stop_.store(true, std::memory_order_release);
       gen_.fetch_add(1);
     }
     cv_.notify_all();
@@ -37,7 +50,9 @@ class Pool {
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
+    in_job() = true;
     take_parts();  // the caller takes parts too: a worker that is not scheduled yet never holds the job up
+    in_job() = false;
     while (done_.load(std::memory_order_acquire) < nthreads) cpu_relax();
     next_.store(kClosed, std::memory_order_release);  // a worker waking late finds nothing to take
     fn_ = nullptr;
@@ -82,8 +97,10 @@ class Pool {
         }
       }
       seen = gen_.load(std::memory_order_acquire);
-      if (stop_) return;
+      if (stop_.load(std::memory_order_acquire)) return;
+      in_job() = true;  // a parallel_for inside a part runs inline: the pool runs one job at a time
       take_parts();
+      in_job() = false;
     }
   }
 
@@ -95,11 +112,32 @@ class Pool {
   const RangeFn* fn_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int> nparts_{1};
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
 };
 
+// The process's pool. Never destroyed (joining threads during interpreter shutdown can hang). A forked child
+// (DataLoader workers, multiprocessing) inherits the parent's pool object but none of its threads, and possibly
+// a mutex held mid-job: the fork handler drops the pointer, so the child builds a fresh pool on first use (the
+// old object is leaked on purpose; its threads do not exist in the child).
+std::atomic<Pool*> g_pool{nullptr};
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: avoids joining threads during interpreter shutdown
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p) return *p;
+  static std::mutex create_mu;
+  std::lock_guard<std::mutex> lk(create_mu);
+  p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+#if KS_HAVE_ATFORK
+    static const int registered = pthread_atfork(nullptr, nullptr, [] {
+      g_pool.store(nullptr, std::memory_order_release);
+      in_job() = false;
+    });
+    (void)registered;
+#endif
+    p = new Pool();
+    g_pool.store(p, std::memory_order_release);
+  }
   return *p;
 }
 
@@ -109,6 +147,11 @@ void parallel_for(int64_t n, int nthreads, const RangeFn& fn) {
   if (n <= 0) return;
   if (nthreads > n) nthreads = static_cast<int>(n);
   if (nthreads <= 1) {
+    fn(0, n);
+    return;
+  }
+  if (host_parallel_for(n, nthreads, fn)) return;  // torch's OpenMP team when it is loaded
+  if (in_job()) {  // nested inside a pool job: inline (the pool's job lock is held by the outer call)
     fn(0, n);
     return;
   }

@@ -100,6 +100,11 @@ def cpu_features() -> Dict[str, bool]:
     return {str(k): bool(v) for k, v in _call("cpu_features", {}).items()}
 
 
+def parallel_backend() -> str:
+    """What the CPU kernels' threads run on ('' without the module): torch's OpenMP team, or kernswap's pool."""
+    return str(_call("parallel_backend", ""))
+
+
 def dispatch_report() -> Dict[str, Dict[str, Any]]:
     """Per CPU op: {'tier': chosen tier, 'compiled': tiers with a kernel (highest first),
     'not_taken': {higher tier: reason}} ({} without the module)."""

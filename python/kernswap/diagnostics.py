@@ -86,7 +86,7 @@ def info() -> Dict[str, Any]:
         "compiled_cpu_module": {"found": _ext.have_cpu_ext(), "reason": _ext.cpu_ext_reason(),
                                 "cpu_isa": _ext.cpu_isa(), "best_isa": _ext.best_isa(),
                                 "supported_isas": _ext.supported_isas(), "cpu_features": _ext.cpu_features(),
-                                "dispatch": _ext.dispatch_report()},
+                                "parallel": _ext.parallel_backend(), "dispatch": _ext.dispatch_report()},
         "threads": {"torch": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "cuda": _cuda(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
@@ -120,6 +120,7 @@ def format_info(d: Dict[str, Any] = None) -> str:
         f"  CPU ISA in use: {c['cpu_isa'] or '-'}   best: {c.get('best_isa') or '-'}   "
         f"supported: {', '.join(c['supported_isas']) or '-'}",
         *_format_cpu_dispatch(c),
+        f"  CPU kernels' threads: {c.get('parallel') or '-'}",
         f"threads: torch={d['threads']['torch']} cpu_count={d['threads']['cpu_count']}",
     ]
     cu = d["cuda"]
