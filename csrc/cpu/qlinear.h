@@ -61,7 +61,8 @@ void qdequant(const QDequantArgs& args);
 // routes weight-only calls with M >= 8 (int8) / 16 (int4) rows to it.
 void qlinear_fma(const QLinearArgs& args);
 }
-namespace avx512_vnni { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx512 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx512_vnni { void qlinear(const QLinearArgs& args); }
 
 }  // namespace cpu
 }  // namespace kernswap

@@ -51,11 +51,14 @@ void qlinear(const QLinearArgs& a) {
 #endif
   run_qlinear(a);
 }
-// A TU may dequantize whole tiles with its own vectorised function (KS_QL_DEQUANT_TILE).
+// A TU may dequantize whole tiles with its own vectorised function (KS_QL_DEQUANT_TILE), or leave qdequant to a
+// lower tier's (KS_QL_NO_QDEQUANT: the registry then picks that one).
+#ifndef KS_QL_NO_QDEQUANT
 #ifndef KS_QL_DEQUANT_TILE
 #define KS_QL_DEQUANT_TILE dequant_tile_plain
 #endif
 void qdequant(const QDequantArgs& a) { run_qdequant(a, KS_QL_DEQUANT_TILE); }
+#endif
 
 }  // namespace KS_ISA_NS
 }  // namespace cpu
