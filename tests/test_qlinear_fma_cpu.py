@@ -1,10 +1,14 @@
-"""The AVX2 fp32 FMA kernel for weight-only formats (csrc/cpu/qlinear_fma_avx2.cpp) at its boundaries.
+"""The fp32 FMA kernels for weight-only formats (csrc/cpu/qlinear_fma_avx2.cpp: 6 x 16, one tile per task, 256-k
+chunks; qlinear_fma_avx512.cpp: 6 x 64, four tiles per task, 64-k chunks; driver qlinear_fma_driver.h) at their
+boundaries.
 
-The avx2 qlinear routes weight-only calls with M >= 8 (int8) / 16 (int4) to it; the backend sends M >= DENSE_FROM_ROWS rows to the
-torch-GEMM panels instead, so these tests pin the threshold off (the kernel runs at every M) and also run the
-routing as shipped. Boundaries: row tails of the 6-row micro-kernel (M = 8..11, 13, 16..21), row blocks of 120 (M = 121,
-241), N not a multiple of 16, K not a multiple of 4 (int8) or of the 256-k chunk, K = 4096 with asymmetric
-int4 g32/g64, bias, bf16/fp16 inputs and outputs, strided rows. Every ISA of the build runs the same cases.
+The avx2 / avx_vnni qlinear route weight-only calls with M >= 8 (int8) / 16 (int4) to the AVX2 kernel, the avx512
+tier from M >= 2 / 4 to the AVX-512 one; the backend sends M >= DENSE_FROM_ROWS rows to the torch-GEMM panels
+instead, so these tests pin the threshold off (the kernel runs at every M) and also run the routing as shipped.
+Boundaries: the tiers' row thresholds (M = 2..5, 7, 8), row tails of the 6-row micro-kernels (M = 9..11, 13, 16..21),
+row blocks of 120 (M = 121, 241), N not a multiple of 16 or of a 4-tile group (N = 1, 15, 17, 33, 65, 130), K not
+a multiple of 4 (int8) or of a chunk, int4 groups spanning chunks, K = 4096 with asymmetric int4 g32/g64, bias,
+bf16/fp16 inputs and outputs, strided rows. Every ISA of the build runs the same cases.
 """
 import math
 
@@ -57,22 +61,22 @@ def _check(fmt, m, n, k, dtype=torch.float32, bias=True, seed=0, x=None):
 
 
 @pytest.mark.parametrize("fmt", list(WO_FORMATS))
-@pytest.mark.parametrize("m", [2, 8, 9, 10, 11, 13, 16, 17, 19, 20, 21, 121, 241])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 7, 8, 9, 10, 11, 13, 16, 17, 19, 20, 21, 121, 241])
 def test_row_tails_and_blocks(fmt, m):
     with kernel_at_every_m():
         _check(fmt, m, 40, 384, bias=m % 2 == 1)
 
 
 @pytest.mark.parametrize("fmt", list(WO_FORMATS))
-@pytest.mark.parametrize("n", [1, 15, 17, 33])
+@pytest.mark.parametrize("n", [1, 15, 17, 33, 65, 130])
 def test_n_not_multiple_of_16(fmt, n):
     with kernel_at_every_m():
         _check(fmt, 17, n, 256)
 
 
-@pytest.mark.parametrize("k", [4, 5, 7, 258, 261, 515])
+@pytest.mark.parametrize("k", [4, 5, 7, 66, 258, 261, 515])
 def test_int8_odd_k(k):
-    """K % 4 != 0 (zero-padded quads) and K just past a 256-k chunk."""
+    """K % 4 != 0 (zero-padded quads) and K just past a 64- or 256-k chunk."""
     with kernel_at_every_m():
         _check("int8", 9, 24, k)
 

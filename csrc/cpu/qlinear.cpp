@@ -6,10 +6,12 @@ namespace kernswap {
 namespace cpu {
 namespace {
 
-// One engine per tier: vpmaddubsw at 256 (avx2) and 512 bits (avx512), vpdpbusd at 512 bits (avx512_vnni).
+// One engine per tier: vpmaddubsw at 256 (avx2) and 512 bits (avx512), vpdpbusd at 256 (avx_vnni) and 512 bits
+// (avx512_vnni).
 const Dispatch<void (*)(const QLinearArgs&)> kQLinear{"qlinear", {
     {Isa::Scalar, scalar::qlinear},
     {Isa::Avx2, KS_X86_KERNEL(avx2::qlinear)},
+    {Isa::AvxVnni, KS_X86_KERNEL(avx_vnni::qlinear)},
     {Isa::Avx512, KS_X86_KERNEL(avx512::qlinear)},
     {Isa::Avx512Vnni, KS_X86_KERNEL(avx512_vnni::qlinear)},
 }};
@@ -18,7 +20,7 @@ const Dispatch<void (*)(const QLinearArgs&)> kQLinear{"qlinear", {
 const Dispatch<void (*)(const QDequantArgs&)> kQDequant{"qdequant", {
     {Isa::Scalar, scalar::qdequant},
     {Isa::Avx2, KS_X86_KERNEL(avx2::qdequant)},
-    {Isa::Avx512, KS_X86_KERNEL(avx512::qdequant)},
+
 }};
 
 }  // namespace

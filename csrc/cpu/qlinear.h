@@ -57,11 +57,16 @@ namespace scalar { void qlinear(const QLinearArgs& args); void qdequant(const QD
 namespace avx2 {
 void qlinear(const QLinearArgs& args);
 void qdequant(const QDequantArgs& args);
-// Weight-only formats in fp32 FMA, dequantizing 16-row tiles into L1 (qlinear_fma_avx2.cpp); the avx2 qlinear
-// routes weight-only calls with M >= 8 (int8) / 16 (int4) rows to it.
+// Weight-only formats in fp32 FMA, dequantizing 16-row tiles into L1 (qlinear_fma_avx2.cpp); the avx2 and avx_vnni
+// qlinear route weight-only calls with M >= 8 (int8) / 16 (int4) rows to it.
 void qlinear_fma(const QLinearArgs& args);
 }
-namespace avx512 { void qlinear(const QLinearArgs& args); void qdequant(const QDequantArgs& args); }
+namespace avx_vnni { void qlinear(const QLinearArgs& args); }
+namespace avx512 {
+void qlinear(const QLinearArgs& args);
+// Weight-only formats in fp32 FMA at 512 bits (qlinear_fma_avx512.cpp); both AVX-512 tiers route to it from some M.
+void qlinear_fma(const QLinearArgs& args);
+}
 namespace avx512_vnni { void qlinear(const QLinearArgs& args); }
 
 }  // namespace cpu
