@@ -154,6 +154,14 @@ class QuantLinear(CachedRunnerModule):
                 f"format={self.config.name}, backend={self.config.backend.value}")
 
     # ------------------------------------------------------------------ torch plumbing
+    def __setattr__(self, name, value):
+        # transformers' tie_weights() re-ties an output head to the input embeddings by assigning the table as
+        # `head.weight`: a quantized head (patch(lm_head=...)) computes with its own packed copy and holds no float
+        # weight, so the tie is not re-made (the table would otherwise ride along as an unused parameter)
+        if name == "weight" and isinstance(value, nn.Parameter):
+            return
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse: bool = True):
         """Module.to(dtype)/.half() cast floating buffers; ``scale`` must stay fp32. Move it as an int32 view so
         ``fn`` changes only its device (bit-exact), never its dtype. Packed int buffers are never cast by .to()."""

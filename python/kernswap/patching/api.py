@@ -82,6 +82,21 @@ def _output_head_name(model: nn.Module) -> Optional[str]:
     return None
 
 
+HEAD_ROLE = "lm_head"  # the role of the output head's swap in the report and the plan
+
+
+def _resolve_head(lm_head, backend) -> Optional[QuantConfig]:
+    """The output head's format: None/False = left in float; True = int8 per channel (weight-only)."""
+    if lm_head is None or lm_head is False:
+        return None
+    if lm_head is True:
+        lm_head = "int8"
+    if not isinstance(lm_head, (str, QuantConfig)):
+        raise TypeError(f"kernswap.patch: lm_head must be None, a bool, a format name or a QuantConfig, "
+                        f"got {type(lm_head).__name__}")
+    return _resolve_quant(lm_head, backend)
+
+
 def _skip_patterns(skip, family: FamilySpec, model: nn.Module) -> tuple:
     if skip is None:  # the family default, plus the model's output head whatever its name
         head = _output_head_name(model)
@@ -102,6 +117,7 @@ def patch(
     skip: Optional[Sequence[str]] = None,
     progress: bool = True,
     keep_originals: bool = True,
+    lm_head: Union[None, bool, str, QuantConfig] = None,
 ) -> PatchReport:
     """Patch ``model`` in place and return a :class:`PatchReport`.
 
@@ -116,6 +132,10 @@ def patch(
       unless its weight is tied to the embeddings).
     progress: tqdm progress bar while swapping. keep_originals: keep the original modules so
       :func:`unpatch` can restore them (False frees their memory; unpatch then raises).
+    lm_head: None/False (default) leaves the output head in float; True quantizes it int8 per channel
+      (weight-only), a format name or QuantConfig in that format. It is the largest weight a small model reads per
+      token. A head tied to the input embeddings gets a quantized copy: the embedding table stays in float for
+      the token lookups, and ``unpatch`` restores the tie.
 
     Only this instance changes (child modules are replaced through their parent). Any exception part-way
     restores every module already swapped, then re-raises. Patching an already patched model with the same
@@ -130,7 +150,13 @@ def patch(
         attn_cfg = attn_cfg and dataclasses.replace(attn_cfg, backend=backend)
         moe_cfg = moe_cfg and dataclasses.replace(moe_cfg, backend=backend)
     family = get_family(_model_type(model))
-    request = {"quant": cfg, "attention": attn_cfg, "moe": moe_cfg, "skip": _skip_patterns(skip, family, model)}
+    head_cfg = _resolve_head(lm_head, backend)
+    head = _output_head_name(model) if head_cfg is not None else None
+    if head_cfg is not None and head is None:
+        raise ValueError("kernswap.patch: lm_head was requested but this model has no output head "
+                         "(get_output_embeddings() returned no nn.Linear)")
+    request = {"quant": cfg, "attention": attn_cfg, "moe": moe_cfg, "skip": _skip_patterns(skip, family, model),
+               "lm_head": head_cfg}
 
     state = patch_state(model)
     if state is not None:
@@ -143,7 +169,9 @@ def patch(
 
     rules = []
     if cfg is not None:
-        rules.append(QuantLinearRule(cfg, request["skip"]))
+        rules.append(QuantLinearRule(cfg, request["skip"] + ((head,) if head else ())))
+    if head_cfg is not None:
+        rules.append(QuantLinearRule(head_cfg, (), only=[head], allow_tied=True, role=HEAD_ROLE))
     if moe_cfg is not None:
         from .moe import MoERule  # the MoE swap's own module
 
@@ -160,7 +188,7 @@ def _name(cfg) -> str:
 
 
 def _describe(request: Dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_name(request.get(k))}" for k in ("quant", "attention", "moe")) + \
+    return ", ".join(f"{k}={_name(request.get(k))}" for k in ("quant", "attention", "moe", "lm_head")) + \
         f", skip={request.get('skip')}"
 
 
@@ -202,7 +230,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
     report = PatchReport(
         model_type=_model_type(model), family=family.name,
         requested={"quant": _name(request.get("quant")), "attention": _name(request.get("attention")),
-                   "moe": _name(request.get("moe"))},
+                   "moe": _name(request.get("moe")), "lm_head": _name(request.get("lm_head"))},
         notes=list(family.notes) + plan.notes,
     )
     report.notes += _tier_notes(request)
@@ -242,7 +270,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
 def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchReport) -> Dict[str, Any]:
     """What a saved model needs to be rebuilt without re-quantizing: the quantized Linear layers, the
     quantized fused experts (shape and format) and the attention swap."""
-    cfg, attn = request.get("quant"), request.get("attention")
+    cfg, attn, head_cfg = request.get("quant"), request.get("attention"), request.get("lm_head")
     experts = {}
     for name, role, _ in report.swapped:
         mod = model.get_submodule(name) if role == "moe" else None
@@ -254,7 +282,10 @@ def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchRepor
         "format": "kernswap.patch", "version": PLAN_VERSION, "model_type": _model_type(model),
         "quant": None if cfg is None else config_to_json(cfg),
         "skip": list(request.get("skip") or ()),
-        "quantized": [name for name, _, kind in report.swapped if "QuantLinear" in kind],
+        "quantized": [name for name, role, kind in report.swapped if "QuantLinear" in kind and role != HEAD_ROLE],
+        "lm_head": None if head_cfg is None else {
+            "name": next(name for name, role, _ in report.swapped if role == HEAD_ROLE),
+            "quant": config_to_json(head_cfg)},
         "experts": experts,
         "attention": None if attn is None else config_to_json(attn),
     }

@@ -113,17 +113,21 @@ class QuantLinearRule:
     """Swap every plain ``nn.Linear`` (not in the skip list) for ``kernswap.nn.QuantLinear``.
 
     ``empty=True`` builds uninitialized QuantLinear modules of the right shape (for loading a saved
-    quantized state dict without quantizing anything).
+    quantized state dict without quantizing anything). ``allow_tied=True`` quantizes a Linear whose weight is tied
+    to another module's (the output head tied to the embeddings): the QuantLinear gets a quantized copy and the
+    other module keeps the float tensor. ``role`` overrides the role the report gives the swapped layers.
     """
 
     kind = "quant"
 
     def __init__(self, config, skip: Sequence[str], empty: bool = False,
-                 only: Optional[Sequence[str]] = None):
+                 only: Optional[Sequence[str]] = None, allow_tied: bool = False, role: Optional[str] = None):
         self.config = config
         self.skip = tuple(skip)
         self.empty = empty
         self.only = None if only is None else set(only)
+        self.allow_tied = allow_tied
+        self.role = role
 
     def _make(self, linear: nn.Linear) -> nn.Module:
         QL = _quant_linear_cls()
@@ -175,7 +179,7 @@ class QuantLinearRule:
             if cfg is not self.config:
                 finer[(mod.in_features, cfg.group_size)] += 1
             plan.actions.append(Action(
-                name=name, role=_block_role(model, family, name),
+                name=name, role=self.role or _block_role(model, family, name),
                 kind=f"Linear -> QuantLinear[{cfg.name}]",
                 run=self._runner(mod, holders[id(mod)]),
             ))
@@ -212,7 +216,7 @@ class QuantLinearRule:
         if pat is not None:
             return f"in the skip list (pattern {pat!r})"
         tied = [pn for pn in param_names.get(id(mod.weight), []) if not pn.startswith(aliases)]
-        if tied:
+        if tied and not self.allow_tied:
             return f"weight is tied to {tied[0]}"
         return check_quantizable(mod, self.config)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from .api import PLAN_BUFFER, apply_rules, patch_state
+from .api import HEAD_ROLE, PLAN_BUFFER, apply_rules, patch_state
 from .families import get_family
 from .rules import QuantLinearRule
 
@@ -128,14 +128,14 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
                         "load_quantized(model_or_config, dir))")
     sd = _load_weights(directory)
     plan = read_plan(directory, sd)
-    if plan.get("quant") is None and not plan.get("experts"):
+    if plan.get("quant") is None and not plan.get("experts") and not plan.get("lm_head"):
         raise ValueError(f"load_quantized: the plan in {directory!r} has no quant config and no quantized experts")
-    cfg = None
-    if plan.get("quant") is not None:
-        qd = dict(plan["quant"])
-        if backend is not None:
-            qd["backend"] = backend
-        cfg = QuantConfig(**qd)
+    def saved_config(d):
+        return QuantConfig(**dict(d, **({"backend": backend} if backend is not None else {})))
+
+    cfg = None if plan.get("quant") is None else saved_config(plan["quant"])
+    head = plan.get("lm_head")
+    head_cfg = None if not head else saved_config(head["quant"])
 
     if plan.get("layout") != "state_dict" and not isinstance(source, nn.Module):
         # written by transformers' save_pretrained: its checkpoint format may differ from the module's
@@ -162,10 +162,14 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
         from ..config import SparseAttentionConfig
 
         attn = SparseAttentionConfig(**dict(plan["attention"], **({"backend": backend} if backend else {})))
-    request = {"quant": cfg, "attention": attn, "moe": None, "skip": tuple(plan.get("skip", ()))}
+    request = {"quant": cfg, "attention": attn, "moe": None, "skip": tuple(plan.get("skip", ())),
+               "lm_head": head_cfg}
     rules = []
     if cfg is not None:
         rules.append(QuantLinearRule(cfg, skip=(), empty=True, only=plan["quantized"]))
+    if head_cfg is not None:
+        rules.append(QuantLinearRule(head_cfg, skip=(), empty=True, only=[head["name"]], allow_tied=True,
+                                     role=HEAD_ROLE))
     if plan.get("experts"):
         from .moe import ExpertsSkeletonRule
 
@@ -180,7 +184,8 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
 
 
 def _prefixes(plan: Dict[str, Any]) -> tuple:
-    return tuple(n + "." for n in list(plan.get("quantized", [])) + list(plan.get("experts") or {}))
+    head = [plan["lm_head"]["name"]] if plan.get("lm_head") else []
+    return tuple(n + "." for n in list(plan.get("quantized", [])) + head + list(plan.get("experts") or {}))
 
 
 def _from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
