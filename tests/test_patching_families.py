@@ -26,15 +26,16 @@ def test_every_family_is_declared():
     assert get_family("no-such-model").name == "generic"
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-layer"])
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_swap_counts_and_logits(family, fmt):
+def test_swap_counts_and_logits(family, fmt, fuse):
     cfg, max_rel, min_cos = FORMATS[fmt]
     model = tiny_model(family)
     ids = torch.randint(3, 256, (2, 19))
     ref = _logits(model, ids)
-    report = kernswap.patch(model, quant=cfg, progress=False)
-    attn, mlp = expected_linear_count(family)
+    report = kernswap.patch(model, quant=cfg, progress=False, fuse=fuse)
+    attn, mlp = expected_linear_count(family, fused=fuse)
     assert report.count(role="attention") == attn
     assert report.count(role="mlp") == mlp
     assert report.num_swapped == attn + mlp
@@ -83,7 +84,7 @@ def test_bf16_model_int4():
     model = tiny_model("llama", dtype=torch.bfloat16)
     ids = torch.randint(3, 256, (1, 9))
     ref = _logits(model, ids)
-    report = kernswap.patch(model, quant=INT4_G32, skip=("lm_head", "*.o_proj"), progress=False)
+    report = kernswap.patch(model, quant=INT4_G32, skip=("lm_head", "*.o_proj"), progress=False, fuse=False)
     assert report.num_swapped == 12
     out = model(ids).logits
     assert out.dtype == torch.bfloat16

@@ -16,11 +16,15 @@ def test_report_table():
     assert "Linear -> QuantLinear[w8a8]" in text
     for word in ("attention", "mlp", "skipped", "lm_head", "router/gate", "MoE swap", "before", "after"):
         assert word in text, word
-    assert report.counts == {("attention", "Linear -> QuantLinear[w8a8]"): 8,
-                             ("mlp", "Linear -> QuantLinear[w8a8]"): 6}
+    # 2 layers: q/k/v fused + o_proj per attention block, gate/up fused + down per shared expert
+    assert report.counts == {("attention", "Linear -> QuantLinear[w8a8]"): 2,
+                             ("attention", "q_proj+k_proj+v_proj -> one QuantLinear[w8a8]"): 2,
+                             ("mlp", "Linear -> QuantLinear[w8a8]"): 2,
+                             ("mlp", "gate_proj+up_proj -> one QuantLinear[w8a8]"): 2}
+    assert "fused projections" in text
     assert report.memory_before > report.memory_after > 0
     d = report.to_dict()
-    assert d["swapped"]["attention: Linear -> QuantLinear[w8a8]"] == 8
+    assert d["swapped"]["attention: q_proj+k_proj+v_proj -> one QuantLinear[w8a8]"] == 2
     assert "PatchReport(" in repr(report)
 
 
@@ -98,11 +102,13 @@ def test_generic_transformers_model_gpt_neox():
 
 def test_skip_is_configurable():
     model = tiny_model("llama")
-    report = kernswap.patch(model, quant="int8", skip=(), progress=False)  # lm_head too (not tied here)
+    report = kernswap.patch(model, quant="int8", skip=(), progress=False, fuse=False)  # lm_head too (not tied)
     assert isinstance(model.lm_head, QuantLinear) and report.num_swapped == 15
     model = tiny_model("llama")
     report = kernswap.patch(model, quant="int8", skip=["lm_head", "model.layers.0.*", "v_proj"], progress=False)
-    assert report.num_swapped == 7 - 1  # layer 1 only, without v_proj
+    # layer 1 only; without v_proj its q/k/v group is not fused (q, k, o one by one), gate/up is
+    assert report.num_swapped == 3 + 2
+    assert isinstance(model.model.layers[1].self_attn.v_proj, nn.Linear)
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
 
 

@@ -30,7 +30,8 @@ def test_save_quantized_roundtrip(tmp_path, monkeypatch, family, quant):
     save_quantized(model, tmp_path)
     plan = json.loads((tmp_path / "kernswap_patch.json").read_text())
     assert plan["quant"]["weight_bits"] == kernswap.QuantConfig.from_any(quant).weight_bits
-    assert len(plan["quantized"]) == kernswap.patching.patch_state(model).report.num_swapped
+    assert len(plan["quantized"]) + len(plan["fused"]) == kernswap.patching.patch_state(model).report.num_swapped
+    assert plan["fused"] and {g["name"] for g in plan["fused"]} == {"qkv_proj", "gate_up_proj"}
     _no_quantizing(monkeypatch)
     loaded = load_quantized(tmp_path)
     assert type(loaded) is type(model)
@@ -70,9 +71,10 @@ def test_load_into_given_model_and_dtype(tmp_path):
     skeleton = tiny_model("mistral", seed=5)  # any unpatched model of the same architecture
     loaded = load_quantized(skeleton, tmp_path, backend="reference")
     assert loaded is skeleton
-    up = loaded.model.layers[0].mlp.up_proj
-    assert isinstance(up, QuantLinear) and up.config.backend == kernswap.Backend.REFERENCE
-    assert torch.equal(up.packed, model.model.layers[0].mlp.up_proj.packed)
+    gate_up = loaded.model.layers[0].mlp.gate_up_proj
+    assert isinstance(gate_up, QuantLinear) and gate_up.config.backend == kernswap.Backend.REFERENCE
+    assert loaded.model.layers[0].mlp.up_proj.fused is gate_up
+    assert torch.equal(gate_up.packed, model.model.layers[0].mlp.gate_up_proj.packed)
     assert loaded.model.embed_tokens.weight.dtype == torch.float32  # the given model keeps its dtype
     built = load_quantized(tmp_path)
     assert built.model.embed_tokens.weight.dtype == torch.bfloat16  # built from config: the saved dtype

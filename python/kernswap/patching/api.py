@@ -118,6 +118,7 @@ def patch(
     progress: bool = True,
     keep_originals: bool = True,
     lm_head: Union[None, bool, str, QuantConfig] = None,
+    fuse: bool = True,
 ) -> PatchReport:
     """Patch ``model`` in place and return a :class:`PatchReport`.
 
@@ -155,8 +156,10 @@ def patch(
     if head_cfg is not None and head is None:
         raise ValueError("kernswap.patch: lm_head was requested but this model has no output head "
                          "(get_output_embeddings() returned no nn.Linear)")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"kernswap.patch: fuse must be a bool, got {type(fuse).__name__}")
     request = {"quant": cfg, "attention": attn_cfg, "moe": moe_cfg, "skip": _skip_patterns(skip, family, model),
-               "lm_head": head_cfg}
+               "lm_head": head_cfg, "fuse": fuse and cfg is not None}
 
     state = patch_state(model)
     if state is not None:
@@ -169,7 +172,14 @@ def patch(
 
     rules = []
     if cfg is not None:
-        rules.append(QuantLinearRule(cfg, request["skip"] + ((head,) if head else ())))
+        skip_here = request["skip"] + ((head,) if head else ())
+        fused = ()
+        if request["fuse"]:
+            from .fuse import FusedProjectionRule
+
+            rules.append(FusedProjectionRule(cfg, skip_here))
+            fused = rules[-1].targets(model, family)
+        rules.append(QuantLinearRule(cfg, skip_here, exclude=fused))
     if head_cfg is not None:
         rules.append(QuantLinearRule(head_cfg, (), only=[head], allow_tied=True, role=HEAD_ROLE))
     if moe_cfg is not None:
@@ -189,7 +199,7 @@ def _name(cfg) -> str:
 
 def _describe(request: Dict[str, Any]) -> str:
     return ", ".join(f"{k}={_name(request.get(k))}" for k in ("quant", "attention", "moe", "lm_head")) + \
-        f", skip={request.get('skip')}"
+        f", skip={request.get('skip')}, fuse={request.get('fuse')}"
 
 
 def _tier_notes(request: Dict[str, Any]) -> List[str]:
@@ -243,7 +253,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
         for action in bar:
             records.extend(action.run())
             report.swapped.append((action.name, action.role, action.kind))
-        plan_json = make_plan_json(model, request, report)
+        plan_json = make_plan_json(model, request, report, records)
         if report.swapped:
             data = torch.frombuffer(bytearray(json.dumps(plan_json).encode()), dtype=torch.uint8).clone()
             model.register_buffer(PLAN_BUFFER, data, persistent=True)
@@ -267,9 +277,13 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
     return report
 
 
-def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchReport) -> Dict[str, Any]:
-    """What a saved model needs to be rebuilt without re-quantizing: the quantized Linear layers, the
-    quantized fused experts (shape and format) and the attention swap."""
+def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchReport, records: List[Any]) -> Dict[str, Any]:
+    """What a saved model needs to be rebuilt without re-quantizing: the quantized Linear layers, the fused
+    projections, the quantized output head, the quantized fused experts (shape and format) and the attention swap."""
+    from .fuse import fused_plan_entries
+
+    fused = fused_plan_entries(records)
+    fused_names = {f"{g['block']}.{g['name']}" for g in fused}
     cfg, attn, head_cfg = request.get("quant"), request.get("attention"), request.get("lm_head")
     experts = {}
     for name, role, _ in report.swapped:
@@ -282,7 +296,9 @@ def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchRepor
         "format": "kernswap.patch", "version": PLAN_VERSION, "model_type": _model_type(model),
         "quant": None if cfg is None else config_to_json(cfg),
         "skip": list(request.get("skip") or ()),
-        "quantized": [name for name, role, kind in report.swapped if "QuantLinear" in kind and role != HEAD_ROLE],
+        "quantized": [name for name, role, kind in report.swapped
+                      if "QuantLinear" in kind and role != HEAD_ROLE and name not in fused_names],
+        "fused": fused,
         "lm_head": None if head_cfg is None else {
             "name": next(name for name, role, _ in report.swapped if role == HEAD_ROLE),
             "quant": config_to_json(head_cfg)},

@@ -91,6 +91,12 @@ def layer_config(k: int, config):
     return None
 
 
+def finer_group_notes(finer: Dict[Tuple[int, int], int], config, what: str) -> List[str]:
+    """Report notes for the layers that took a finer int4 group than ``config``'s: {(in_features, group): count}."""
+    return [f"{count} {what} with in_features={k} (not a multiple of group_size={config.group_size}) use "
+            f"group_size={g}" for (k, g), count in sorted(finer.items())]
+
+
 def _block_role(model: nn.Module, family: FamilySpec, name: str) -> str:
     """Role of a Linear by the innermost declared block containing it (MoE blocks without experts: mlp)."""
     prio = {"attention": 0, "mlp": 1, "moe": 2}
@@ -116,16 +122,19 @@ class QuantLinearRule:
     quantized state dict without quantizing anything). ``allow_tied=True`` quantizes a Linear whose weight is tied
     to another module's (the output head tied to the embeddings): the QuantLinear gets a quantized copy and the
     other module keeps the float tensor. ``role`` overrides the role the report gives the swapped layers.
+    ``exclude``: qualified names left to another rule (the siblings a FusedProjectionRule fuses).
     """
 
     kind = "quant"
 
     def __init__(self, config, skip: Sequence[str], empty: bool = False,
-                 only: Optional[Sequence[str]] = None, allow_tied: bool = False, role: Optional[str] = None):
+                 only: Optional[Sequence[str]] = None, allow_tied: bool = False, role: Optional[str] = None,
+                 exclude: Sequence[str] = ()):
         self.config = config
         self.skip = tuple(skip)
         self.empty = empty
         self.only = None if only is None else set(only)
+        self.exclude = set(exclude)  # layers another rule swaps (fused projections)
         self.allow_tied = allow_tied
         self.role = role
 
@@ -168,7 +177,7 @@ class QuantLinearRule:
                 if own:
                     unhandled[self._why_not_linear(mod, name, family)].append(name)
                 continue
-            if self.only is not None and name not in self.only:
+            if (self.only is not None and name not in self.only) or name in self.exclude:
                 continue
             aliases = tuple(full + "." for _, _, full in holders[id(mod)]) or (name + ".",)
             reason = self._skip_reason(mod, name, family, param_names, aliases)
@@ -183,9 +192,7 @@ class QuantLinearRule:
                 kind=f"Linear -> QuantLinear[{cfg.name}]",
                 run=self._runner(mod, holders[id(mod)]),
             ))
-        for (k, g), count in sorted(finer.items()):
-            plan.notes.append(f"{count} Linear layer(s) with in_features={k} (not a multiple of "
-                              f"group_size={self.config.group_size}) use group_size={g}")
+        plan.notes += finer_group_notes(finer, self.config, "Linear layer(s)")
         for reason, names in unhandled.items():
             for n in names:
                 plan.skipped.append(Skip(n, reason))

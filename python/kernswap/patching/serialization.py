@@ -163,8 +163,12 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
 
         attn = SparseAttentionConfig(**dict(plan["attention"], **({"backend": backend} if backend else {})))
     request = {"quant": cfg, "attention": attn, "moe": None, "skip": tuple(plan.get("skip", ())),
-               "lm_head": head_cfg}
+               "lm_head": head_cfg, "fuse": bool(plan.get("fused"))}
     rules = []
+    if plan.get("fused"):
+        from .fuse import FusedProjectionRule
+
+        rules.append(FusedProjectionRule(cfg, skip=(), empty=True, only=plan["fused"]))
     if cfg is not None:
         rules.append(QuantLinearRule(cfg, skip=(), empty=True, only=plan["quantized"]))
     if head_cfg is not None:
@@ -185,7 +189,8 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
 
 def _prefixes(plan: Dict[str, Any]) -> tuple:
     head = [plan["lm_head"]["name"]] if plan.get("lm_head") else []
-    return tuple(n + "." for n in list(plan.get("quantized", [])) + head + list(plan.get("experts") or {}))
+    fused = [f"{g['block']}.{g['name']}" for g in plan.get("fused") or ()]
+    return tuple(n + "." for n in list(plan.get("quantized", [])) + head + fused + list(plan.get("experts") or {}))
 
 
 def _from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:

@@ -45,13 +45,15 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model
 
 
-def expected_linear_count(family: str, num_layers: int = 2) -> Tuple[int, int]:
-    """(attention Linear layers, MLP Linear layers) quantized with the default skip list, for the tiny config."""
-    attn = 4 * num_layers
+def expected_linear_count(family: str, num_layers: int = 2, fused: bool = False) -> Tuple[int, int]:
+    """(attention, MLP) QuantLinear layers made with the default skip list, for the tiny config: one per Linear, or
+    with ``fused`` (patch's default) one per q/k/v group and per gate/up pair plus o_proj and down_proj."""
+    per_attn, per_mlp = (2, 2) if fused else (4, 3)
+    attn = per_attn * num_layers
     if family in ("mixtral", "olmoe"):
         return attn, 0  # experts are stacked 3-D params, the router is not a Linear
     if family == "qwen2_moe":
-        return attn, 3 * num_layers  # shared_expert gate/up/down; shared_expert_gate skipped
+        return attn, per_mlp * num_layers  # shared_expert gate/up/down; shared_expert_gate skipped
     if family == "qwen3_moe":
-        return attn, 3  # layer 1 is dense (mlp_only_layers=[1])
-    return attn, 3 * num_layers
+        return attn, per_mlp  # layer 1 is dense (mlp_only_layers=[1])
+    return attn, per_mlp * num_layers

@@ -23,6 +23,9 @@ class FamilySpec:
     moe: Tuple[str, ...] = ()  # sparse MoE blocks (targets of moe=...)
     experts: Tuple[str, ...] = ()  # stacked 3-D expert weights: not nn.Linear, left to the MoE swap
     skip: Tuple[str, ...] = ("lm_head",)  # Linear layers never quantized by default (heads, routers, gates)
+    # sibling Linear layers of one attention/MLP block that read the same input, fused into one quantized call:
+    # (name of the fused layer on the block, (the siblings' attribute names, in row order))
+    fuse: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
     notes: Tuple[str, ...] = ()
 
     def role_of(self, name: str) -> str:

@@ -1,5 +1,6 @@
 """Mistral: dense decoder (q/k/v/o_proj attention, gate/up/down_proj MLP)."""
 from . import FamilySpec, register
-from ._common import ATTENTION, DENSE_SKIP, MLP
+from ._common import ATTENTION, DENSE_SKIP, FUSE, MLP
 
-SPEC = register(FamilySpec(name="mistral", model_types=("mistral",), attention=ATTENTION, mlp=MLP, skip=DENSE_SKIP))
+SPEC = register(FamilySpec(name="mistral", model_types=("mistral",), attention=ATTENTION, mlp=MLP, skip=DENSE_SKIP,
+                           fuse=FUSE))
