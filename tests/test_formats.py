@@ -115,7 +115,7 @@ def test_quantize_accepts_half_dtypes_and_config():
     w = torch.randn(24, 256)
     for dt in (torch.bfloat16, torch.float16):
         a = quantize(w.to(dt), "int4")
-        b = quantize_int4(w.to(dt).float(), 128, True)
+        b = quantize_int4(w.to(dt).float(), 128, True, method="mse")  # "int4": error-minimising scales
         assert torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale)
     qw = quantize(w, "w8a8")
     assert qw.bits == 8 and qw.dynamic_activations and qw.group_size == 256 and qw.format_name == "w8a8"

@@ -3,10 +3,12 @@ import dataclasses
 from typing import Optional, Union
 
 from .backend import Backend, normalize_backend
+from .formats.scale_search import METHODS as QUANT_METHODS
 
 __all__ = ["QuantConfig", "SHORTCUTS", "SparseAttentionConfig", "MoEConfig"]
 
 _INT4_GROUPS = (32, 64, 128)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +18,9 @@ class QuantConfig:
     weight_bits: 8 (per output channel, symmetric) or 4 (group-wise, group_size in 32/64/128).
     dynamic_activations: also quantize activations per row to int8 at run time (W8A8 / W4A8).
     backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
+    method: how the scales are chosen, without calibration data: "rtn" (max|w| onto the largest code) or "mse"
+      (per group the scale, and for asymmetric int4 the range, of least squared error). Default: "mse" for int4,
+      "rtn" for int8.
     """
 
     weight_bits: int = 8
@@ -23,6 +28,7 @@ class QuantConfig:
     symmetric: bool = True
     dynamic_activations: bool = False
     backend: Union[str, Backend] = Backend.AUTO
+    method: Optional[str] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str, got: object) -> ValueError:
@@ -42,6 +48,10 @@ class QuantConfig:
             if isinstance(self.group_size, bool) or self.group_size not in _INT4_GROUPS:
                 raise bad("group_size", f"one of {list(_INT4_GROUPS)} for weight_bits=4", self.group_size)
         object.__setattr__(self, "backend", normalize_backend(self.backend, "QuantConfig.backend"))
+        if self.method is None:  # the default: error-minimising scales for int4, round-to-nearest for int8
+            object.__setattr__(self, "method", "mse" if self.weight_bits == 4 else "rtn")
+        if self.method not in QUANT_METHODS:
+            raise bad("method", f"one of {list(QUANT_METHODS)}", self.method)
 
     @property
     def name(self) -> str:
@@ -139,6 +149,9 @@ class MoEConfig:
     quant: None (experts keep their float weights, or take patch()'s ``quant=`` when that is given) | a
       QuantConfig or shortcut ("int8", "int4", "w8a8", "w4a8") for the experts only.
     backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
+    method: how the scales are chosen, without calibration data: "rtn" (max|w| onto the largest code) or "mse"
+      (per group the scale, and for asymmetric int4 the range, of least squared error). Default: "mse" for int4,
+      "rtn" for int8.
     """
 
     quant: Union[None, str, QuantConfig] = None

@@ -13,5 +13,6 @@ def quantize(w, config) -> QuantizedWeight:
 
     cfg = QuantConfig.from_any(config)
     if cfg.weight_bits == 8:
-        return quantize_int8(w, dynamic_activations=cfg.dynamic_activations)
-    return quantize_int4(w, cfg.group_size, cfg.symmetric, dynamic_activations=cfg.dynamic_activations)
+        return quantize_int8(w, dynamic_activations=cfg.dynamic_activations, method=cfg.method)
+    return quantize_int4(w, cfg.group_size, cfg.symmetric, dynamic_activations=cfg.dynamic_activations,
+                         method=cfg.method)

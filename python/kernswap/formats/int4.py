@@ -3,6 +3,7 @@ import torch
 
 from .base import TILE_N, QuantizedWeight, padded_n
 from .int8 import _check_weight
+from .scale_search import check_method, search_asymmetric, search_symmetric
 
 __all__ = ["quantize_int4", "pack_int4", "unpack_int4"]
 
@@ -33,9 +34,12 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True,
-                  dynamic_activations: bool = False) -> QuantizedWeight:
-    """Quantize a float [N, K] weight group-wise along K (K % group_size == 0)."""
+                  dynamic_activations: bool = False, method: str = "rtn") -> QuantizedWeight:
+    """Quantize a float [N, K] weight group-wise along K (K % group_size == 0). method="rtn": max|w| (sym) or the
+    [min, max] range (asym) onto the code range; "mse": per group the scale (and range) of least squared error
+    (scale_search)."""
     _check_weight(w, "quantize_int4")
+    check_method(method, "quantize_int4")
     n, k = w.shape
     if group_size not in (32, 64, 128):
         raise ValueError(f"quantize_int4: group_size must be one of [32, 64, 128], got {group_size!r}")
@@ -43,7 +47,16 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
         raise ValueError(f"quantize_int4: in_features must be divisible by group_size={group_size}, got {k}")
     ng = k // group_size
     wg = w.detach().to(torch.float32).reshape(n, ng, group_size)
-    if symmetric:
+    if method == "mse" and symmetric:
+        scale, q = search_symmetric(wg.reshape(n * ng, group_size), -8, 7)
+        scale, q = scale.reshape(n, ng), q.reshape(n, ng, group_size) + 8
+        zero_p = None
+    elif method == "mse":
+        scale, z, q = search_asymmetric(wg.reshape(n * ng, group_size))
+        scale, z, q = scale.reshape(n, ng), z.reshape(n, ng), q.reshape(n, ng, group_size)
+        zero_p = torch.zeros(ng, padded_n(n), dtype=torch.uint8, device=w.device)
+        zero_p[:, :n] = z.t().to(torch.uint8)
+    elif symmetric:
         scale = wg.abs().amax(dim=2) / 7.0
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(wg / safe[..., None]), -8, 7) + 8

@@ -2,6 +2,7 @@
 import torch
 
 from .base import TILE_N, QuantizedWeight, padded_n
+from .scale_search import check_method, search_symmetric
 
 __all__ = ["quantize_int8", "pack_int8", "unpack_int8"]
 
@@ -34,16 +35,21 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return full[:n, :k].to(torch.int32)
 
 
-def quantize_int8(w: torch.Tensor, dynamic_activations: bool = False) -> QuantizedWeight:
-    """Quantize a float [N, K] weight: scale[n] = max|w[n,:]|/127, q = clamp(round(w/scale), -127, 127)."""
+def quantize_int8(w: torch.Tensor, dynamic_activations: bool = False, method: str = "rtn") -> QuantizedWeight:
+    """Quantize a float [N, K] weight per output row. method="rtn": scale[n] = max|w[n,:]|/127,
+    q = clamp(round(w/scale), -127, 127); "mse": the scale and codes of least squared error (scale_search)."""
     _check_weight(w, "quantize_int8")
+    check_method(method, "quantize_int8")
     n, k = w.shape
     wf = w.detach().to(torch.float32)
-    scale = wf.abs().amax(dim=1) / 127.0
-    nz = scale > 0
-    safe = torch.where(nz, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(wf / safe[:, None]), -127, 127)
-    q = torch.where(nz[:, None], q, torch.zeros_like(q))
+    if method == "mse":
+        scale, q = search_symmetric(wf, -127, 127)
+    else:
+        scale = wf.abs().amax(dim=1) / 127.0
+        nz = scale > 0
+        safe = torch.where(nz, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(wf / safe[:, None]), -127, 127)
+        q = torch.where(nz[:, None], q, torch.zeros_like(q))
     scale_p = torch.zeros(1, padded_n(n), dtype=torch.float32, device=w.device)
     scale_p[0, :n] = scale
     return QuantizedWeight(packed=pack_int8(q), scale=scale_p, zero=None, bits=8, group_size=k, symmetric=True,
