@@ -31,38 +31,52 @@ try:
     import kernswap  # noqa: F401
 except ImportError:
     sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
+import e2e_peers as P  # noqa: E402
 import harness as H  # noqa: E402
 
 NAME = "e2e"
-VARIANTS: Dict[str, Any] = {  # name -> patch(quant=...) argument (None: the unpatched model)
-    "fp32": None, "bf16": None, "int8": "int8", "w8a8": "w8a8", "int4": "int4", "w4a8": "w4a8",
-    "int4-g32-asym": ("int4", 32, False),
+# name -> kernswap.patch keyword arguments (None: the unpatched model); fused projections are patch's default
+VARIANTS: Dict[str, Any] = {
+    "fp32": None, "bf16": None, "int8": {"quant": "int8"}, "w8a8": {"quant": "w8a8"}, "int4": {"quant": "int4"},
+    "w4a8": {"quant": "w4a8"}, "int4-g32-asym": {"quant": ("int4", 32, False)},
+    "int8+head": {"quant": "int8", "lm_head": True}, "w8a8+head": {"quant": "w8a8", "lm_head": True},
+    "int4+head": {"quant": "int4", "lm_head": True},
 }
-QUALITY = ("fp32", "int8", "w8a8", "int4", "w4a8", "int4-g32-asym")  # bf16 is a speed baseline only
+# bf16 is a speed baseline only; every other variant and peer also gets perplexity and KL
+NO_QUALITY = ("bf16",)
+# decode with 4 and 16 prompts at once (generate on a batch): the formats where batching changes the picture
+BATCH_VARIANTS = ("fp32", "int8+head", "w8a8+head", "int4+head", "torchao-int8dyn")
 
 
-def _settings(quick: bool, full: bool = False) -> Dict[str, int]:
+def _settings(quick: bool, full: bool = False) -> Dict[str, Any]:
     """--quick: a smoke run; default: 2,048 perplexity tokens and 64 new tokens (keeps the main job near 10
     minutes on a 2-core machine); --full: the 8,192 tokens and 128 new tokens of the committed results."""
     if quick:
-        return dict(tokens=128, window=128, prefill=128, prompt=16, new_tokens=8, repeats=1)
+        return dict(tokens=128, window=128, prefill=128, prompt=16, new_tokens=8, repeats=1, batches=(4,),
+                    batch_tokens=4)
     if full:
-        return dict(tokens=8192, window=512, prefill=512, prompt=32, new_tokens=128, repeats=3)
-    return dict(tokens=2048, window=512, prefill=512, prompt=32, new_tokens=64, repeats=3)
+        return dict(tokens=8192, window=512, prefill=512, prompt=32, new_tokens=128, repeats=3, batches=(4, 16),
+                    batch_tokens=64)
+    return dict(tokens=2048, window=512, prefill=512, prompt=32, new_tokens=64, repeats=3, batches=(4, 16),
+                batch_tokens=32)
 
 
-def _quant_arg(spec):
+def _patch_kwargs(spec: Dict[str, Any]) -> Dict[str, Any]:
     import kernswap
 
-    if isinstance(spec, tuple):
-        return kernswap.QuantConfig(weight_bits=4, group_size=spec[1], symmetric=spec[2])
-    return spec
+    kw = dict(spec)
+    if isinstance(kw.get("quant"), tuple):
+        _, g, sym = kw["quant"]
+        kw["quant"] = kernswap.QuantConfig(weight_bits=4, group_size=g, symmetric=sym)
+    return kw
 
 
-def build_variants(base) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
-    """name -> model (patched copies of ``base``; originals dropped), name -> info (memory, swapped)."""
+def build_variants(base, ctx: H.Context, s: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
+    """name -> model (TorchLM / LlamaCppLM: patched copies of ``base``, the peers), name -> info (memory, swapped,
+    or why a peer is missing)."""
     import kernswap
     from kernswap.patching.report import module_memory
+    from kernswap.testing.models import smollm2_gguf_path
 
     models, info = {}, {}
     for name, spec in VARIANTS.items():
@@ -73,60 +87,75 @@ def build_variants(base) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
         else:
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
-            rep = kernswap.patch(m, quant=_quant_arg(spec), progress=False, keep_originals=False)
+            rep = kernswap.patch(m, progress=False, keep_originals=False, **_patch_kwargs(spec))
             print(f"[e2e] patched {name}: {rep.num_swapped} layers in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr)
-        models[name] = m.eval()
-        info[name] = {"param_mib": module_memory(m) / 2**20, "swapped": rep.num_swapped if rep else 0,
+        models[name] = P.TorchLM(m, module_memory(m))
+        info[name] = {"peer": None, "swapped": rep.num_swapped if rep else 0,
                       "skipped_linear": sum(1 for _, r in rep.skipped if "divisible" in r) if rep else 0}
+    ao, ao_why = P.torchao_models(base, module_memory)
+    cpp, cpp_why = P.llama_cpp_models(str(smollm2_gguf_path()), ctx.threads, n_ctx=max(1024, s["prefill"]))
+    for name, lm in list(ao.items()) + list(cpp.items()):
+        models[name] = lm
+        info[name] = {"peer": lm.kind, "swapped": 0, "skipped_linear": 0}
+    for name, why in list(ao_why.items()) + list(cpp_why.items()):
+        info[name] = {"peer": "missing", "why": why}
+    for name, lm in models.items():
+        info[name].update(param_mib=lm.param_bytes / 2**20, weight_mib_per_token=lm.weight_bytes / 2**20)
     return models, info
 
 
-@torch.no_grad()
 def quality(models: Dict[str, Any], ids: torch.Tensor, window: int) -> Dict[str, Dict[str, float]]:
-    """Perplexity per variant and mean KL(fp32 || variant) over all predicted positions."""
-    nll = {n: 0.0 for n in QUALITY}
-    kl = {n: 0.0 for n in QUALITY}
+    """Perplexity per model and mean KL(fp32 || model) over all predicted positions, on the same token ids."""
+    names = [n for n in models if n not in NO_QUALITY]
+    nll = {n: 0.0 for n in names}
+    kl = {n: 0.0 for n in names}
     count = 0
     for start in range(0, ids.shape[1] - window + 1, window):
         x = ids[:, start:start + window]
         target = x[:, 1:]
         ref = None
-        for n in QUALITY:
-            logp = F.log_softmax(models[n](x, use_cache=False).logits[:, :-1].float(), dim=-1)
+        for n in names:
+            logp = models[n].logprobs(x)
             nll[n] += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
             if ref is None:
                 ref = logp
             kl[n] += (ref.exp() * (ref - logp)).sum(-1).sum().item()
         count += target.numel()
         print(f"[e2e] quality: {start + window}/{ids.shape[1]} tokens", file=sys.stderr)
-    return {n: {"ppl": math.exp(nll[n] / count), "kl": kl[n] / count, "tokens": count} for n in QUALITY}
+    return {n: {"ppl": math.exp(nll[n] / count), "kl": kl[n] / count, "tokens": count} for n in names}
 
 
-@torch.no_grad()
-def speed(models: Dict[str, Any], ids: torch.Tensor, s: Dict[str, int]) -> Dict[str, Dict[str, float]]:
-    """Prefill time and greedy decode speed per variant, measured round robin (each round times every variant
-    once), so load that drifts during the run on a shared machine hits every variant alike; medians."""
+def speed(models: Dict[str, Any], ids: torch.Tensor, s: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """Prefill time (prompt processing of ``prefill`` tokens: the last position's logits) and greedy decode speed
+    per model, batch 1, and with ``batches`` prompts for BATCH_VARIANTS; measured round robin (each round times every
+    model once), so load that drifts during the run on a shared machine hits every model alike; medians."""
     x = ids[:, :s["prefill"]]
     prompt = ids[:, :s["prompt"]]
     n = s["new_tokens"]
-    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-    for model in models.values():  # warm-up
-        model(x[:, :16])
-        model.generate(prompt, **dict(kw, max_new_tokens=2, min_new_tokens=2))
-    pre: Dict[str, List[float]] = {name: [] for name in models}
-    dec: Dict[str, List[float]] = {name: [] for name in models}
+    batched = {b: ids[:, : b * s["prompt"]].reshape(b, s["prompt"]) for b in s["batches"]}
+    for lm in models.values():  # warm-up
+        lm.prefill(x[:, :16])
+        lm.generate(prompt, 2)
+    times: Dict[str, Dict[str, List[float]]] = {name: {} for name in models}
     for _ in range(s["repeats"]):
-        for name, model in models.items():
+        for name, lm in models.items():
+            t = times[name]
             t0 = time.perf_counter()
-            model(x, use_cache=True)
-            pre[name].append(time.perf_counter() - t0)
+            lm.prefill(x)
+            t.setdefault("prefill_s", []).append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            out = model.generate(prompt, **kw)
-            dec[name].append(n / (time.perf_counter() - t0))
-            assert out.shape[1] == prompt.shape[1] + n, out.shape
-    return {name: {"prefill_s": sorted(pre[name])[len(pre[name]) // 2],
-                   "decode_tps": sorted(dec[name])[len(dec[name]) // 2]} for name in models}
+            out = lm.generate(prompt, n)
+            t.setdefault("decode_tps", []).append(n / (time.perf_counter() - t0))
+            assert out.shape[1] == n, out.shape
+            if name not in BATCH_VARIANTS:
+                continue
+            for b, p in batched.items():
+                t0 = time.perf_counter()
+                out = lm.generate(p, s["batch_tokens"])
+                t.setdefault(f"decode_tps_b{b}", []).append(b * s["batch_tokens"] / (time.perf_counter() - t0))
+                assert out.shape == (b, s["batch_tokens"]), out.shape
+    return {name: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for name, t in times.items()}
 
 
 def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
@@ -140,26 +169,32 @@ def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     except SkipReason as e:
         print(f"[e2e] skipped: {e}")
         return [], [{"target": "e2e", "detail": str(e), "value": None, "need": 0, "unit": "x", "status": "n/a"}]
-    models, info = build_variants(base)
+    models, info = build_variants(base, ctx, s)
     q = quality(models, ids, s["window"])
     rows = []
     speeds = speed(models, ids, s)
-    for name, m in models.items():
-        sp = speeds[name]
-        print(f"[e2e] speed {name}: prefill {sp['prefill_s']:.3f} s, decode {sp['decode_tps']:.1f} tok/s",
-              file=sys.stderr)
+    bw = (ctx.bandwidth or H.measure_bandwidth(ctx)).get("gbps")
+    for name in info:
+        sp = speeds.get(name, {})
+        if sp:
+            print(f"[e2e] speed {name}: prefill {sp['prefill_s']:.3f} s, decode {sp['decode_tps']:.1f} tok/s",
+                  file=sys.stderr)
         row = {"op": "e2e", "model": "SmolLM2-135M-Instruct", "variant": name, **info[name], **sp,
                **({k: q[name][k] for k in ("ppl", "kl")} if name in q else {}),
                "tokens": q["fp32"]["tokens"], "window": s["window"], "new_tokens": s["new_tokens"],
-               "threads": ctx.threads, "device": ctx.meta.get("device", {}).get("cpu"),
+               "prefill_tokens": s["prefill"], "threads": ctx.threads,
+               "device": ctx.meta.get("device", {}).get("cpu"),
                "isa": ctx.meta.get("kernswap_cpu_backend"), "forced_isa": ctx.forced_isa}
+        if sp and bw and "weight_mib_per_token" in row:  # share of the DRAM floor: weight bytes / bandwidth
+            row["roofline_share"] = (row["weight_mib_per_token"] * 2**20 / (bw * 1e9)) * sp["decode_tps"]
         rows.append(row)
     fp = rows[0]
     for r in rows:
         if "ppl" in r:
             r["dppl_pct"] = 100 * (r["ppl"] - fp["ppl"]) / fp["ppl"]
-        r["prefill_speedup"] = fp["prefill_s"] / r["prefill_s"]
-        r["decode_speedup"] = r["decode_tps"] / fp["decode_tps"]
+        if "prefill_s" in r:
+            r["prefill_speedup"] = fp["prefill_s"] / r["prefill_s"]
+            r["decode_speedup"] = r["decode_tps"] / fp["decode_tps"]
     return rows, targets(rows)
 
 
@@ -175,12 +210,29 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     def speedup(name, variant, key, need):
         return H.target(name, by.get(variant, {}).get(key), need, f"{variant} vs fp32")
 
+    def versus(name, variant, peer, key, need):
+        a, b = by.get(variant, {}).get(key), by.get(peer, {}).get(key)
+        if key == "prefill_s" and a and b:
+            a, b = 1 / a, 1 / b
+        return H.target(name, a / b if a and b else None, need, f"{variant} vs {peer} ({key})")
+
     # speed targets of the AVX-512 VNNI machine (issue 3) and of every other tier (issue 13: >= 1.3x)
     vnni = "avx512_vnni" in str(rows[0].get("isa", "")) if rows else False
-    return [at_most("int8 quality", "int8", 0.3), at_most("w8a8 quality", "w8a8", 1.5),
-            speedup("int4 decode", "int4", "decode_speedup", 2.0 if vnni else 1.3),
-            speedup("int8 decode", "int8", "decode_speedup", 1.5 if vnni else 1.3),
-            speedup("w8a8 prefill", "w8a8", "prefill_speedup", 2.0 if vnni else 1.3)]
+    out = [at_most("int8 quality", "int8", 0.3), at_most("w8a8 quality", "w8a8", 1.5),
+           speedup("int4 decode", "int4", "decode_speedup", 2.0 if vnni else 1.3),
+           speedup("int8 decode", "int8", "decode_speedup", 1.5 if vnni else 1.3),
+           speedup("w8a8 prefill", "w8a8", "prefill_speedup", 2.0 if vnni else 1.3)]
+    # issue 10: decode like llama.cpp (kernswap's fastest patch of each width, the quantized head included)
+    out += [speedup("int4 decode >= 2.5x fp32", "int4+head", "decode_speedup", 2.5),
+            speedup("int8 decode >= 2.5x fp32", "int8+head", "decode_speedup", 2.5),
+            versus("int4 decode vs llama.cpp Q4_0", "int4+head", "llama.cpp-Q4_0", "decode_tps", 0.8),
+            versus("int8 decode vs llama.cpp Q8_0", "int8+head", "llama.cpp-Q8_0", "decode_tps", 0.8),
+            speedup("w8a8 prefill >= 2x fp32", "w8a8+head", "prefill_speedup", 2.0),
+            versus("w8a8 prefill vs llama.cpp Q8_0", "w8a8+head", "llama.cpp-Q8_0", "prefill_s", 0.8)]
+    for mine, peers in (("int8+head", ("torchao-int8wo",)), ("w8a8+head", ("torchao-int8dyn",)),
+                        ("int4+head", ("torchao-int4-hqq",))):
+        out += [versus(f"{mine} decode vs {p}", mine, p, "decode_tps", 1.0) for p in peers]
+    return out
 
 
 def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: Any = None) -> None:
@@ -188,18 +240,24 @@ def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: 
     if rows:
         r0 = rows[0]
         print(f"\nSmolLM2-135M end to end: ppl over {r0['tokens']} predicted tokens ({r0['window']}-token windows), "
-              f"prefill {r0['window']} tokens, decode {r0['new_tokens']} new tokens, {r0['threads']} threads",
-              file=file)
-        head = ("variant", "ppl", "d ppl", "KL", "prefill s", "x fp32", "decode tok/s", "x fp32", "MiB", "layers")
+              f"prefill {r0['prefill_tokens']} tokens, decode {r0['new_tokens']} new tokens, {r0['threads']} "
+              f"threads; roofline = weight bytes per token / DRAM bandwidth x tokens/s", file=file)
+        head = ("variant", "ppl", "d ppl", "KL", "prefill s", "x fp32", "decode tok/s", "x fp32", "b4 tok/s",
+                "b16 tok/s", "roofline", "MiB", "MiB/token", "layers")
         lines = [head]
         for r in rows:
+            if r.get("peer") == "missing":
+                lines.append((r["variant"], "not measured: " + r["why"][:60]) + ("",) * (len(head) - 2))
+                continue
             lines.append((r["variant"], _f(r.get("ppl"), ".3f"), _f(r.get("dppl_pct"), "+.2f", "%"),
                           _f(r.get("kl"), ".5f"), _f(r["prefill_s"], ".3f"), _f(r["prefill_speedup"], ".2f", "x"),
                           _f(r["decode_tps"], ".1f"), _f(r["decode_speedup"], ".2f", "x"),
-                          _f(r["param_mib"], ".0f"), str(r["swapped"])))
+                          _f(r.get("decode_tps_b4"), ".1f"), _f(r.get("decode_tps_b16"), ".1f"),
+                          _f(r.get("roofline_share"), ".0%"), _f(r["param_mib"], ".0f"),
+                          _f(r["weight_mib_per_token"], ".0f"), str(r["swapped"])))
         w = [max(len(line[i]) for line in lines) for i in range(len(head))]
         for j, line in enumerate(lines):
-            print("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(line)), file=file)
+            print("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(line)).rstrip(), file=file)
             if j == 0:
                 print("  ".join("-" * x for x in w), file=file)
     for t in tgts:  # delta-ppl targets are "at most": print them in their own words
@@ -220,12 +278,14 @@ def self_check() -> None:
 
     base = tiny_model("llama")
     patched = copy.deepcopy(base)
-    kernswap.patch(patched, quant="int8", progress=False)
+    kernswap.patch(patched, quant="int8", lm_head=True, progress=False)
     ids = torch.randint(3, 256, (1, 64))
-    q = quality({n: (patched if n != "fp32" else base) for n in QUALITY}, ids, 32)
-    assert q["fp32"]["kl"] == 0 and q["int8"]["kl"] >= 0 and q["int8"]["ppl"] > 1
-    sp = speed({"fp32": base, "int8": patched}, ids, dict(prefill=32, prompt=4, new_tokens=4, repeats=2))
-    assert set(sp) == {"fp32", "int8"} and all(v["decode_tps"] > 0 and v["prefill_s"] > 0 for v in sp.values())
+    models = {"fp32": P.TorchLM(base, 1), "int8+head": P.TorchLM(patched, 1)}
+    q = quality(models, ids, 32)
+    assert q["fp32"]["kl"] == 0 and q["int8+head"]["kl"] >= 0 and q["int8+head"]["ppl"] > 1
+    sp = speed(models, ids, dict(prefill=32, prompt=4, new_tokens=4, repeats=2, batches=(2,), batch_tokens=3))
+    assert set(sp) == {"fp32", "int8+head"} and all(v["decode_tps"] > 0 and v["prefill_s"] > 0 for v in sp.values())
+    assert sp["fp32"]["decode_tps_b2"] > 0
 
 
 def main(argv=None) -> int:

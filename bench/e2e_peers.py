@@ -1,0 +1,178 @@
+"""The language models the end-to-end suite measures, behind one small interface, and the peers users would pick
+instead of kernswap: torchao's CPU configs on the same transformers model, and llama.cpp (llama-cpp-python) on the
+same weights (the shipped GGUF and Q8_0 / Q4_0 requantized from it). Peers are optional: each is measured when its
+package imports, and its rows say why when it does not.
+
+Every model answers the same calls on the same token ids:
+  logprobs(x)        log-softmax of the next-token logits for positions 0..T-2 of x ([1, T] ids), fp32
+  prefill(x)         run x through the model from an empty cache
+  generate(p, n)     n greedy tokens after prompt p ([B, T] ids) -> [B, n] ids
+  weight_bytes       bytes of weights read per decoded token (the embedding table counts only when it is also the
+                     output head)
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import os
+import sys
+import tempfile
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchLM:
+    """A transformers causal LM (patched or not)."""
+
+    kind = "torch"
+
+    def __init__(self, model, param_bytes: int):
+        self.model = model.eval()
+        self.param_bytes = param_bytes
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        emb_w = getattr(emb, "weight", None)
+        tied = head is not None and getattr(head, "weight", None) is emb_w
+        # the lookup reads one row of the table; a tied head reads all of it
+        self.weight_bytes = param_bytes - (0 if tied or emb_w is None else emb_w.numel() * emb_w.element_size())
+
+    @torch.no_grad()
+    def logprobs(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.model(x, use_cache=False).logits[:, :-1].float(), dim=-1)
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor) -> None:
+        self.model(x, use_cache=True, logits_to_keep=1)  # prompt processing: the next token's logits only
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
+        out = self.model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                  pad_token_id=0)
+        return out[:, prompt.shape[1]:]
+
+
+# ------------------------------------------------------------------------------------------------ torchao
+TORCHAO_CONFIGS = ("torchao-int8wo", "torchao-int8dyn", "torchao-int4-hqq")
+
+
+def torchao_models(base, module_memory: Callable) -> Tuple[Dict[str, TorchLM], Dict[str, str]]:
+    """torchao 0.18's CPU configs on copies of ``base``: int8 weight-only, int8 dynamic activations + int8
+    weights, int4 weight-only (group 64, HQQ qparams; SmolLM2's 576-wide layers have no 128-groups). Returns
+    (name -> model, name -> why it could not be built)."""
+    out: Dict[str, TorchLM] = {}
+    why: Dict[str, str] = {}
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except Exception as e:  # noqa: BLE001 - not installed, or a build that does not match this torch
+        return {}, {n: f"torchao not importable: {type(e).__name__}: {e}"[:200] for n in TORCHAO_CONFIGS}
+
+    def int4_hqq():
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm="hqq")
+
+    makers = {"torchao-int8wo": Int8WeightOnlyConfig, "torchao-int8dyn": Int8DynamicActivationInt8WeightConfig,
+              "torchao-int4-hqq": int4_hqq}
+    for name, make in makers.items():
+        try:
+            m = copy.deepcopy(base)
+            quantize_(m, make())
+            lm = TorchLM(m, module_memory(m))
+            lm.generate(torch.zeros(1, 4, dtype=torch.long), 1)  # fails here if the config has no CPU kernel
+            out[name] = lm
+        except Exception as e:  # noqa: BLE001 - a config this torch/CPU cannot run is reported, not fatal
+            why[name] = f"{type(e).__name__}: {e}"[:200]
+            print(f"[e2e] {name} not measured: {why[name]}", file=sys.stderr)
+    return out, why
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+LLAMA_CPP_TYPES = ("Q4_1", "Q8_0", "Q4_0")  # the shipped file's type first
+
+
+class LlamaCppLM:
+    """A GGUF through llama-cpp-python: batch 1 only (``generate`` takes one prompt row). Speed runs on a context
+    that keeps the last logits only (llama.cpp's own prompt processing); perplexity on a second one, made on first
+    use, that keeps every position's."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, path: str, threads: int, n_ctx: int):
+        self.path, self.threads, self.n_ctx = path, threads, n_ctx
+        self.llm = self._open(logits_all=False)
+        self._all = None
+        self.param_bytes = self.weight_bytes = os.path.getsize(path)
+
+    def _open(self, logits_all: bool):
+        from llama_cpp import Llama
+
+        return Llama(model_path=self.path, n_ctx=self.n_ctx, n_batch=min(512, self.n_ctx),
+                     n_ubatch=min(512, self.n_ctx), n_threads=self.threads, n_threads_batch=self.threads,
+                     logits_all=logits_all, verbose=False)
+
+    def logprobs(self, x: torch.Tensor) -> torch.Tensor:
+        if self._all is None:
+            self._all = self._open(logits_all=True)
+        ids = x[0].tolist()
+        self._all.reset()
+        self._all.eval(ids)
+        scores = torch.from_numpy(self._all.scores[: len(ids) - 1].copy())
+        return F.log_softmax(scores.float(), dim=-1).unsqueeze(0)
+
+    def prefill(self, x: torch.Tensor) -> None:
+        self.llm.reset()
+        self.llm.eval(x[0].tolist())
+
+    def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
+        if prompt.shape[0] != 1:
+            raise ValueError("LlamaCppLM.generate: batch 1 only")
+        self.llm.reset()
+        self.llm.eval(prompt[0].tolist())
+        out = []
+        for _ in range(n):
+            tok = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            out.append(tok)
+            self.llm.eval([tok])
+        return torch.tensor([out])
+
+
+def _requantize(src: str, dst: str, ftype_name: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.allow_requantize = True
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype_name}) returned {rc}")
+
+
+def llama_cpp_models(gguf: str, threads: int, n_ctx: int) -> Tuple[Dict[str, LlamaCppLM], Dict[str, str]]:
+    """llama.cpp on the shipped GGUF (Q4_1) and on Q8_0 / Q4_0 made from it (cached next to the kernswap cache).
+    Returns (name -> model, name -> why not)."""
+    names = [f"llama.cpp-{t}" for t in LLAMA_CPP_TYPES]
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return {}, {n: f"llama-cpp-python not importable ({type(e).__name__}); pip install llama-cpp-python==0.3.36"
+                    for n in names}
+    out: Dict[str, LlamaCppLM] = {}
+    why: Dict[str, str] = {}
+    cache = os.path.join(tempfile.gettempdir(), "kernswap-bench-gguf")
+    os.makedirs(cache, exist_ok=True)
+    for t, name in zip(LLAMA_CPP_TYPES, names):
+        try:
+            path = gguf
+            if t != LLAMA_CPP_TYPES[0]:
+                path = os.path.join(cache, os.path.basename(gguf).rsplit(".", 1)[0] + f"-{t}.gguf")
+                if not os.path.exists(path):
+                    _requantize(gguf, path + ".tmp", t)
+                    os.replace(path + ".tmp", path)
+            out[name] = LlamaCppLM(path, threads, n_ctx)
+        except Exception as e:  # noqa: BLE001
+            why[name] = f"{type(e).__name__}: {e}"[:200]
+            print(f"[e2e] {name} not measured: {why[name]}", file=sys.stderr)
+    return out, why
