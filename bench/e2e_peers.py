@@ -17,7 +17,7 @@ import ctypes
 import os
 import sys
 import tempfile
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,28 @@ def _requantize(src: str, dst: str, ftype_name: str) -> None:
         raise RuntimeError(f"llama_model_quantize({ftype_name}) returned {rc}")
 
 
+_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=256, n_threads=int(sys.argv[2]), verbose=False)
+llm.eval(list(range(1, 33)))  # a multi-token batch, then one decode step
+llm.eval([5])
+"""
+
+
+def _probe(path: str, threads: int) -> Optional[str]:
+    """Why llama.cpp cannot run ``path`` here (None when it can), found in a child process: a build that crashes
+    (e.g. one compiled for CPU features this machine advertises but cannot use) must not take the bench down."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _PROBE, path, str(threads)], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode == 0:
+        return None
+    how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit code {r.returncode}"
+    return f"llama.cpp crashed in a probe process ({how}) on a 32-token batch; rebuild llama-cpp-python"
+
+
 def llama_cpp_models(gguf: str, threads: int, n_ctx: int) -> Tuple[Dict[str, LlamaCppLM], Dict[str, str]]:
     """llama.cpp on the shipped GGUF (Q4_1) and on Q8_0 / Q4_0 made from it (cached next to the kernswap cache).
     Returns (name -> model, name -> why not)."""
@@ -171,6 +193,9 @@ def llama_cpp_models(gguf: str, threads: int, n_ctx: int) -> Tuple[Dict[str, Lla
                 if not os.path.exists(path):
                     _requantize(gguf, path + ".tmp", t)
                     os.replace(path + ".tmp", path)
+            crash = _probe(path, threads)
+            if crash:
+                raise RuntimeError(crash)
             out[name] = LlamaCppLM(path, threads, n_ctx)
         except Exception as e:  # noqa: BLE001
             why[name] = f"{type(e).__name__}: {e}"[:200]
