@@ -128,13 +128,16 @@ class LlamaCppLM:
     def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
         if prompt.shape[0] != 1:
             raise ValueError("LlamaCppLM.generate: batch 1 only")
-        self.llm.reset()
-        self.llm.eval(prompt[0].tolist())
+        import numpy as np
+
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt[0].tolist())
         out = []
-        for _ in range(n):
-            tok = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        for _ in range(n):  # the last position's logits (this context keeps no others)
+            tok = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
             out.append(tok)
-            self.llm.eval([tok])
+            llm.eval([tok])
         return torch.tensor([out])
 
 
