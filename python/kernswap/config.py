@@ -6,6 +6,29 @@ from .backend import Backend, normalize_backend
 
 __all__ = ["QuantConfig", "SHORTCUTS", "SparseAttentionConfig", "MoEConfig"]
 
+
+def backend_problem(op: str, backend: Backend, pieces=(), **fmt) -> Optional[str]:
+    """Why a config forcing ``backend`` can never run ``op`` (BackendTable.config_problem), None if it may."""
+    if backend in (Backend.AUTO, Backend.REFERENCE):
+        return None
+    from .ops._moe_common import MOE_TABLE  # lazily: the ops' modules import this one's users
+    from .ops.block_sparse_attention import TABLE as ATTENTION_TABLE
+    from .ops.quantized_linear import TABLE as QLINEAR_TABLE
+
+    table = {"quantized_linear": QLINEAR_TABLE, "block_sparse_attention": ATTENTION_TABLE, "fused_moe": MOE_TABLE}[op]
+    return table.config_problem(backend, pieces, **fmt)
+
+
+def moe_backend_problem(backend: Backend, quantized: bool) -> Optional[str]:
+    """Why experts forced onto ``backend`` can never run (FusedExperts needs the fused_experts piece)."""
+    return backend_problem("fused_moe", backend, ("fused_experts",), quantized=quantized)
+
+
+def bad_backend(field: str, what: str, backend: Backend, why: str) -> ValueError:
+    return ValueError(f"{field} must be a backend that can run {what}, got {backend.value!r}: {why}; "
+                      f"use 'auto' or 'reference'")
+
+
 _INT4_GROUPS = (32, 64, 128)
 
 
@@ -42,6 +65,10 @@ class QuantConfig:
             if isinstance(self.group_size, bool) or self.group_size not in _INT4_GROUPS:
                 raise bad("group_size", f"one of {list(_INT4_GROUPS)} for weight_bits=4", self.group_size)
         object.__setattr__(self, "backend", normalize_backend(self.backend, "QuantConfig.backend"))
+        why = backend_problem("quantized_linear", self.backend, bits=self.weight_bits, group_size=self.group_size,
+                              dynamic_act=self.dynamic_activations)
+        if why:
+            raise bad_backend("QuantConfig.backend", self.name, self.backend, why)
 
     @property
     def name(self) -> str:
@@ -116,6 +143,9 @@ class SparseAttentionConfig:
             raise _bad(c, "density", "a float in (0, 1]", d)
         object.__setattr__(self, "density", float(d))
         object.__setattr__(self, "backend", normalize_backend(self.backend, f"{c}.backend"))
+        why = backend_problem("block_sparse_attention", self.backend)
+        if why:
+            raise bad_backend(f"{c}.backend", "block-sparse attention", self.backend, why)
 
     @property
     def name(self) -> str:
@@ -152,6 +182,10 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.quant must be None, a QuantConfig or one of {sorted(SHORTCUTS)}, "
                                  f"got {self.quant!r}") from e
         object.__setattr__(self, "backend", normalize_backend(self.backend, "MoEConfig.backend"))
+        why = moe_backend_problem(self.backend, self.quant is not None)
+        if why:
+            raise bad_backend("MoEConfig.backend", "the fused experts" + (f" ({self.quant.name})" if self.quant else ""),
+                              self.backend, why)
 
     @property
     def name(self) -> str:

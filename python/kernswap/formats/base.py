@@ -4,7 +4,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["QuantizedWeight", "TILE_N", "padded_n", "layout"]
+__all__ = ["QuantizedWeight", "TILE_N", "padded_n", "layout", "check_format"]
 
 TILE_N = 16
 
@@ -30,6 +30,66 @@ def layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_fe
     raise ValueError(f"bits must be 8 or 4, got {bits!r}")
 
 
+_LAYOUTS: Dict[tuple, tuple] = {}
+
+
+def _layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int) -> tuple:
+    """layout() as ((name, spec), ...) in packed, scale, zero order; memoised for plain ints (every eager call
+    of the quantized-linear checks asks), computed afresh for symbolic sizes and while torch.compile traces."""
+    key = (bits, group_size, symmetric, out_features, in_features)
+    plain = all(type(v) in (int, bool) for v in key) and not torch.compiler.is_compiling()
+    spec = _LAYOUTS.get(key) if plain else None
+    if spec is None:
+        d = layout(bits, group_size, symmetric, out_features, in_features)
+        spec = tuple((name, d[name]) for name in ("packed", "scale", "zero"))
+        if plain and len(_LAYOUTS) < 4096:
+            _LAYOUTS[key] = spec
+    return spec
+
+
+def _is_int(v) -> bool:
+    """An int (a SymInt too: a size while torch.compile or opcheck traces with dynamic shapes)."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def check_format(head: str, attr: str, packed, scale, zero, bits, group_size, symmetric, in_features,
+                 out_features, lead: Tuple[int, ...] = ()) -> None:
+    """The one check of a packed weight's format: bits, group size and sizes, then the stored tensors' shapes and
+    dtypes against :func:`layout`. Used by QuantizedWeight (at construction) and by the quantized-linear op's
+    checking function on every call (a QuantizedWeight edited after construction is caught there); ``head``
+    prefixes sentences ("QuantizedWeight: "), ``attr`` the tensors' names ("QuantizedWeight."). ``lead``: leading
+    dims of stacked weights (QuantizedExperts: (num_experts,))."""
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ValueError(f"{attr}bits must be 8 or 4, got {bits!r}")
+    if not (_is_int(in_features) and _is_int(out_features)) or in_features <= 0 or out_features <= 0:
+        raise ValueError(f"{head}in_features and out_features must be ints > 0, "
+                         f"got in_features={in_features!r}, out_features={out_features!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{attr}symmetric must be a bool, got {symmetric!r}")
+    if bits == 8:
+        if group_size != in_features or not symmetric:
+            raise ValueError(f"{head}int8 needs group_size == in_features={in_features} and "
+                             f"symmetric=True, got group_size={group_size!r}, symmetric={symmetric}")
+    elif isinstance(group_size, bool) or group_size not in (32, 64, 128) or in_features % group_size:
+        raise ValueError(f"{head}int4 needs group_size in [32, 64, 128] dividing "
+                         f"in_features={in_features}, got group_size={group_size!r}")
+    for (name, want), t in zip(_layout(bits, group_size, symmetric, out_features, in_features),
+                               (packed, scale, zero)):
+        if want is None:
+            if t is not None:
+                raise ValueError(f"{attr}{name} must be None for this format "
+                                 f"(bits={bits}, symmetric={symmetric}), got a tensor")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{attr}{name} must be a torch.Tensor, got {type(t).__name__}")
+        shape, dtype = want
+        if lead:
+            shape = lead + shape
+        if t.dtype != dtype or t.shape != shape:
+            raise ValueError(f"{attr}{name} must be {dtype} of shape {list(shape)}, "
+                             f"got {t.dtype} of shape {list(t.shape)}")
+
+
 @dataclasses.dataclass
 class QuantizedWeight:
     """A packed quantized [out_features, in_features] weight.
@@ -49,32 +109,8 @@ class QuantizedWeight:
     dynamic_activations: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 4):
-            raise ValueError(f"QuantizedWeight.bits must be 8 or 4, got {self.bits!r}")
-        if self.in_features <= 0 or self.out_features <= 0:
-            raise ValueError(f"QuantizedWeight: in_features and out_features must be > 0, "
-                             f"got in_features={self.in_features}, out_features={self.out_features}")
-        if self.bits == 8:
-            if self.group_size != self.in_features or not self.symmetric:
-                raise ValueError(f"QuantizedWeight: int8 needs group_size == in_features={self.in_features} and "
-                                 f"symmetric=True, got group_size={self.group_size}, symmetric={self.symmetric}")
-        elif self.group_size not in (32, 64, 128) or self.in_features % self.group_size:
-            raise ValueError(f"QuantizedWeight: int4 needs group_size in [32, 64, 128] dividing "
-                             f"in_features={self.in_features}, got group_size={self.group_size}")
-        spec = layout(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features)
-        for name in ("packed", "scale", "zero"):
-            t, want = getattr(self, name), spec[name]
-            if want is None:
-                if t is not None:
-                    raise ValueError(f"QuantizedWeight.{name} must be None for this format "
-                                     f"(bits={self.bits}, symmetric={self.symmetric}), got a tensor")
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"QuantizedWeight.{name} must be a torch.Tensor, got {type(t).__name__}")
-            shape, dtype = want
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"QuantizedWeight.{name} must be {dtype} of shape {list(shape)}, "
-                                 f"got {t.dtype} of shape {list(t.shape)}")
+        check_format("QuantizedWeight: ", "QuantizedWeight.", self.packed, self.scale, self.zero, self.bits,
+                     self.group_size, self.symmetric, self.in_features, self.out_features)
 
     # ---------------------------------------------------------------- views
     @property
