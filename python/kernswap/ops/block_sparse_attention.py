@@ -72,7 +72,8 @@ def check_args(fn: str, q, k, v, block_mask, block_size, causal, scale, backend)
     _check(isinstance(causal, bool), f"causal must be a bool, got {causal!r}", TypeError, fn)
     _check(not causal or sq <= sk, f"causal attention needs Sq <= Sk (queries are aligned to the end of the "
            f"keys), got Sq={sq}, Sk={sk}", fn=fn)
-    _check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale),
+    _check(isinstance(scale, (int, float, torch.SymFloat)) and not isinstance(scale, bool)
+           and (torch.compiler.is_compiling() or math.isfinite(scale)),  # (traced: the op's run checks it)
            f"scale must be a finite float or None, got {scale!r}", TypeError, fn)
     _check(block_mask.dtype == torch.bool, f"block_mask.dtype must be torch.bool, got {block_mask.dtype}",
            TypeError, fn)
