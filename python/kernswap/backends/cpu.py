@@ -71,9 +71,8 @@ def tier_note(bits: int, dynamic_act: bool) -> Optional[str]:
 
 
 def supports(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -> bool:
-    """Every format on CPU tensors of fp32/bf16/fp16 whose rows are contiguous."""
-    return (x2d.device.type == "cpu" and x2d.dtype in DTYPE_CODES and x2d.dim() == 2
-            and (x2d.shape[1] <= 1 or x2d.stride(1) == 1) and bits in (4, 8))
+    """Every format on 2-D CPU tensors of fp32/bf16/fp16 (rows that are not contiguous are copied first)."""
+    return x2d.device.type == "cpu" and x2d.dtype in DTYPE_CODES and x2d.dim() == 2 and bits in (4, 8)
 
 
 def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
