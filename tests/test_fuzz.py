@@ -80,6 +80,14 @@ def _settings():
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
+def seed(data) -> None:
+    """torch's generator seeded from the draw: an example's tensors replay with it (hypothesis shrinks and
+    reports reproducible failures)."""
+    from hypothesis import strategies as st
+
+    torch.manual_seed(data.draw(st.integers(0, 2 ** 31 - 1), label="seed"))
+
+
 def _isa(draw):
     from hypothesis import strategies as st
     from conftest import ISAS
@@ -110,6 +118,7 @@ def prop_quantized_linear():
     @_settings()
     @given(st.data())
     def run(data):
+        seed(data)
         name, cfg, k = _fmt(data.draw, [1, 3, 17, 64, 130, 257])
         n = data.draw(st.integers(1, 70), label="N")
         m = data.draw(st.sampled_from([0, 1, 2, 5, 16, 33]), label="M")
@@ -155,6 +164,7 @@ def prop_quantized_linear_inconsistent():
     @_settings()
     @given(st.data())
     def run(data):
+        seed(data)
         name, cfg, k = _fmt(data.draw, [64, 100])
         n = data.draw(st.integers(1, 40), label="N")
         qw = quantize(torch.randn(n, k), cfg)
@@ -194,6 +204,7 @@ def prop_attention():
     @_settings()
     @given(st.data())
     def run(data):
+        seed(data)
         b, hkv = data.draw(st.integers(1, 2), label="B"), data.draw(st.integers(1, 2), label="Hkv")
         hq = hkv * data.draw(st.integers(1, 3), label="group")
         causal = data.draw(st.booleans(), label="causal")
@@ -244,6 +255,7 @@ def prop_moe():
     @_settings()
     @given(st.data())
     def run(data):
+        seed(data)
         t, e = data.draw(st.integers(0, 20), label="T"), data.draw(st.integers(1, 9), label="E")
         k = data.draw(st.integers(1, e), label="top_k")
         fmt = data.draw(st.sampled_from([None, None, "int8", "w8a8", "int4-g32", "w4a8-g32-asym"]), label="fmt")

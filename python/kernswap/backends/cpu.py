@@ -34,11 +34,13 @@ def _panel_buffer(numel: int) -> torch.Tensor:
 
 
 def extent(t: Optional[torch.Tensor]) -> int:
-    """Elements of t's dtype from t.data_ptr() to the end of its storage (0 for None): the element count every
-    kernswap._C binding receives with a buffer and checks sizes and strides against. t.numel() for a tensor that
-    owns its storage; a view (a slice, a transpose) may address more."""
+    """The element count every kernswap._C binding receives with a buffer and checks sizes and strides against
+    (0 for None): t.numel() for a contiguous tensor (it holds that many from t.data_ptr()), else the elements of
+    t's dtype from t.data_ptr() to the end of its storage (a strided view addresses past its numel)."""
     if t is None:
         return 0
+    if t.is_contiguous():
+        return t.numel()
     return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
@@ -135,7 +137,7 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
         code = codes[x2d.dtype]
-        qlinear(x2d.data_ptr(), x2d.numel() if x2d.is_contiguous() else extent(x2d), code, m, k, x2d.stride(0), *ptrs, y.data_ptr(), y.numel(), code, n, dyn,
+        qlinear(x2d.data_ptr(), extent(x2d), code, m, k, x2d.stride(0), *ptrs, y.data_ptr(), y.numel(), code, n, dyn,
                 torch.get_num_threads())
         return y
 

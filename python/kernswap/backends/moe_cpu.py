@@ -116,7 +116,8 @@ def prepare(w_gate_up, w_down):
     ValueError (the C++ alignment counts them). The runner holds references to the tensors it points into."""
     keep, wgu, wd, wdt, qg, qd, inter = _weight_args(w_gate_up, w_down)
     e = w_gate_up.num_experts if isinstance(w_gate_up, QuantizedExperts) else w_gate_up.shape[0]
-    C = _ext.get_C()
+    wargs = (*wgu, *wd, wdt, qg, qd)  # the weight side of every call, with the buffers' element counts
+    experts_combine = _ext.get_C().moe_experts_combine
 
     def run(hidden2d: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         x = _x(hidden2d)
@@ -125,13 +126,13 @@ def prepare(w_gate_up, w_down):
         if t == 0:
             return out
         k = topk_ids.shape[1]
-        sorted_ids, offsets = align(topk_ids, e)
+        sorted_ids, offsets = align(topk_ids, e)  # (fresh buffers of t * k and e + 1 elements)
         w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.to(torch.float32)
         w = w.contiguous()
         code = DTYPE_CODES[x.dtype]
-        C.moe_experts_combine(x.data_ptr(), extent(x), code, t, h, inter, e, k, x.stride(0), sorted_ids.data_ptr(),
-                              sorted_ids.numel(), offsets.data_ptr(), offsets.numel(), *wgu, *wd, wdt, qg, qd,
-                              w.data_ptr(), w.numel(), out.data_ptr(), out.numel(), code, h, _threads())
+        experts_combine(x.data_ptr(), extent(x), code, t, h, inter, e, k,
+                        x.stride(0), sorted_ids.data_ptr(), t * k, offsets.data_ptr(), e + 1, *wargs, w.data_ptr(),
+                        w.numel(), out.data_ptr(), t * h, code, h, _threads())
         return out
 
     run.keep = keep

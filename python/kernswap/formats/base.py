@@ -30,20 +30,17 @@ def layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_fe
     raise ValueError(f"bits must be 8 or 4, got {bits!r}")
 
 
-_LAYOUTS: Dict[tuple, tuple] = {}
+_LAYOUTS: Dict[tuple, tuple] = {}  # (bits, group_size, symmetric, out_features, in_features) that passed -> layout
 
 
-def _layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int) -> tuple:
-    """layout() as ((name, spec), ...) in packed, scale, zero order; memoised for plain ints (every eager call
-    of the quantized-linear checks asks), computed afresh for symbolic sizes and while torch.compile traces."""
-    key = (bits, group_size, symmetric, out_features, in_features)
-    plain = all(type(v) in (int, bool) for v in key) and not torch.compiler.is_compiling()
-    spec = _LAYOUTS.get(key) if plain else None
-    if spec is None:
-        d = layout(bits, group_size, symmetric, out_features, in_features)
-        spec = tuple((name, d[name]) for name in ("packed", "scale", "zero"))
-        if plain and len(_LAYOUTS) < 4096:
-            _LAYOUTS[key] = spec
+def _layout(key: tuple) -> tuple:
+    """layout() as ((name, spec), ...) in packed, scale, zero order for a format key that passed check_format's
+    checks; memoised (every eager call of the quantized-linear checks asks), computed afresh while torch.compile
+    traces and for symbolic sizes (a SymInt does not hash)."""
+    d = layout(key[0], key[1], key[2], key[3], key[4])
+    spec = tuple((name, d[name]) for name in ("packed", "scale", "zero"))
+    if not torch.compiler.is_compiling() and len(_LAYOUTS) < 4096 and all(type(v) in (int, bool) for v in key):
+        _LAYOUTS[key] = spec
     return spec
 
 
@@ -59,6 +56,33 @@ def check_format(head: str, attr: str, packed, scale, zero, bits, group_size, sy
     checking function on every call (a QuantizedWeight edited after construction is caught there); ``head``
     prefixes sentences ("QuantizedWeight: "), ``attr`` the tensors' names ("QuantizedWeight."). ``lead``: leading
     dims of stacked weights (QuantizedExperts: (num_experts,))."""
+    key = (bits, group_size, symmetric, out_features, in_features)
+    spec = None
+    if not torch.compiler.is_compiling():
+        try:
+            spec = _LAYOUTS.get(key)  # a format that passed the checks below before
+        except TypeError:  # symbolic sizes
+            pass
+    if spec is None:
+        _check_sizes(head, attr, bits, group_size, symmetric, in_features, out_features)
+        spec = _layout(key)
+    for (name, want), t in zip(spec, (packed, scale, zero)):
+        if want is None:
+            if t is not None:
+                raise ValueError(f"{attr}{name} must be None for this format "
+                                 f"(bits={bits}, symmetric={symmetric}), got a tensor")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{attr}{name} must be a torch.Tensor, got {type(t).__name__}")
+        shape, dtype = want
+        if lead:
+            shape = lead + shape
+        if t.dtype != dtype or t.shape != shape:
+            raise ValueError(f"{attr}{name} must be {dtype} of shape {list(shape)}, "
+                             f"got {t.dtype} of shape {list(t.shape)}")
+
+
+def _check_sizes(head: str, attr: str, bits, group_size, symmetric, in_features, out_features) -> None:
     if isinstance(bits, bool) or bits not in (8, 4):
         raise ValueError(f"{attr}bits must be 8 or 4, got {bits!r}")
     if not (_is_int(in_features) and _is_int(out_features)) or in_features <= 0 or out_features <= 0:
@@ -73,21 +97,6 @@ def check_format(head: str, attr: str, packed, scale, zero, bits, group_size, sy
     elif isinstance(group_size, bool) or group_size not in (32, 64, 128) or in_features % group_size:
         raise ValueError(f"{head}int4 needs group_size in [32, 64, 128] dividing "
                          f"in_features={in_features}, got group_size={group_size!r}")
-    for (name, want), t in zip(_layout(bits, group_size, symmetric, out_features, in_features),
-                               (packed, scale, zero)):
-        if want is None:
-            if t is not None:
-                raise ValueError(f"{attr}{name} must be None for this format "
-                                 f"(bits={bits}, symmetric={symmetric}), got a tensor")
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{attr}{name} must be a torch.Tensor, got {type(t).__name__}")
-        shape, dtype = want
-        if lead:
-            shape = lead + shape
-        if t.dtype != dtype or t.shape != shape:
-            raise ValueError(f"{attr}{name} must be {dtype} of shape {list(shape)}, "
-                             f"got {t.dtype} of shape {list(t.shape)}")
 
 
 @dataclasses.dataclass

@@ -134,7 +134,8 @@ class FusedExperts(CachedRunnerModule):
     def weights(self):
         """(w_gate_up, w_down): float tensors or QuantizedExperts views of the buffers."""
         if self.quant is None:
-            return self.gate_up_proj, self.down_proj
+            params = self._parameters  # (the Module's own dict: cheaper than two attribute look-ups per call)
+            return params["gate_up_proj"], params["down_proj"]
         bufs = self._buffers
         key = tensor_key(*(bufs[f"{p}_{q}"] for p in ("gate_up", "down") for q in ("packed", "scale", "zero"))) + (
             self.num_experts, self.hidden_dim, self.intermediate_dim, id(self.cfg_gate_up), id(self.cfg_down))
@@ -156,7 +157,9 @@ class FusedExperts(CachedRunnerModule):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         run = self._cpu_runner(hidden_states, top_k_weights)
-        if run is not None:
+        if run is not None:  # the routing checked as fused_moe checks it, then the prepared kernel
+            check_routed("fused_moe", hidden_states.shape[0], top_k_weights.shape[1], top_k_weights, top_k_index,
+                         hidden_states.device)
             return run(hidden_states, top_k_weights, top_k_index)
         wgu, wd = self.weights()
         return fused_moe(hidden_states, None, wgu, wd, top_k_index.shape[-1], topk_weights=top_k_weights,
@@ -166,7 +169,7 @@ class FusedExperts(CachedRunnerModule):
         """The prepared cpu-backend runner for plain eager CPU inference (else None: the op checks and
         dispatches). The weights are checked by fused_moe's own check_experts when the runner is prepared (and
         again whenever a weight, its storage or version, or the module's sizes change), the routing by its
-        check_routed on every call; the runner's C++ alignment rejects expert ids outside [0, E)."""
+        check_routed on every call (in forward); the runner's C++ alignment rejects expert ids outside [0, E)."""
         if torch.compiler.is_compiling() or self.backend not in ("auto", "cpu"):
             return None
         if (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES or x.shape[1] != self.hidden_dim
@@ -187,13 +190,7 @@ class FusedExperts(CachedRunnerModule):
             ok = moe_cpu.available()[0] and moe_cpu.supports("fused_experts", hidden2d=x, w_gate_up=wgu, w_down=wd)
             cached = self.__dict__["_runner_cache"] = (key, moe_cpu.prepare(wgu, wd) if ok else None)
         run = cached[1]
-        if run is None:
-            return None
-
-        def checked(h, tw, ti):
-            check_routed("fused_moe", h.shape[0], tw.shape[1], tw, ti, h.device)
-            return run(h, tw, ti)
-        return checked
+        return run
 
     def extra_repr(self) -> str:
         fmt = "float" if self.quant is None else self.quant.name

@@ -24,13 +24,18 @@ from .moe_route import check_route_args
 __all__ = ["fused_moe", "check_args", "check_routed"]
 
 OP = "torch.ops.kernswap.fused_moe"
+_ID_DTYPES = (torch.int32, torch.int64)
 
 
 def check_routed(fn: str, num_tokens, top_k, topk_weights, topk_ids, device) -> None:
     """Pre-routed calls (transformers' experts interface): topk_weights (float) and topk_ids (int32/int64), both
     [num_tokens, top_k] on the input's device. Also FusedExperts' eager fast path's per-call check."""
+    if (type(topk_weights) is torch.Tensor and type(topk_ids) is torch.Tensor and topk_weights.dtype in FLOAT_DTYPES
+            and topk_ids.dtype in _ID_DTYPES and topk_ids.shape == topk_weights.shape == (num_tokens, top_k)
+            and topk_weights.device == device and topk_ids.device == device):
+        return  # plain eager tensors that pass (half the cost of the checks below, which say what is wrong)
     check_tensor(fn, "topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device)
-    check_tensor(fn, "topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), device=device)
+    check_tensor(fn, "topk_ids", topk_ids, dtypes=_ID_DTYPES, device=device)
     require(topk_ids.dim() == 2 and topk_ids.shape[0] == num_tokens and topk_ids.shape[1] == top_k
             and topk_weights.shape == topk_ids.shape, ValueError,
             lambda: f"{fn}: topk_weights and topk_ids must both be [num_tokens={num_tokens}, top_k={top_k}], "

@@ -186,7 +186,8 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[t
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"{fn}: qweight must be a kernswap.formats.QuantizedWeight, got {type(qweight).__name__}")
     k, n = qweight.in_features, qweight.out_features
-    check_x(fn, x, k)
+    if x.dim() == 0 or x.shape[-1] != k:  # (check_args checks the rest, on x2d)
+        check_x(fn, x, k)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k).contiguous()
     req = check_args(fn, x2d, qweight.packed, qweight.scale, qweight.zero, bias, qweight.bits, qweight.group_size,
