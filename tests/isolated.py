@@ -29,7 +29,8 @@ def child_main(module: str, func: str) -> None:
         try:
             rec = {"id": case_id, "returned": fn()}
         except Exception as e:  # noqa: BLE001 - the parent judges the exception
-            rec = {"id": case_id, "exc": type(e).__name__, "msg": str(e)[:4000]}
+            notes = "\n".join(getattr(e, "__notes__", ()))  # e.g. hypothesis' falsifying example
+            rec = {"id": case_id, "exc": type(e).__name__, "msg": (str(e) + ("\n" + notes if notes else ""))[:8000]}
         print(_MARK + json.dumps(rec, default=str), flush=True)
 
 

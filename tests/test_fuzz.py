@@ -74,10 +74,14 @@ def outcome(call, check):
 
 # ------------------------------------------------------------------------------------------ hypothesis draws
 def _settings():
-    from hypothesis import HealthCheck, settings
+    """Derandomised by default (the same examples every run); a long run draws at random, or from
+    KERNSWAP_FUZZ_SEED when it is set (to replay one)."""
+    from hypothesis import HealthCheck, seed, settings
 
-    return settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 50,
-                    suppress_health_check=list(HealthCheck), print_blob=True)
+    fixed = os.environ.get("KERNSWAP_FUZZ_SEED")
+    s = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 50 and not fixed,
+                 suppress_health_check=list(HealthCheck), print_blob=True)
+    return (lambda f: s(seed(int(fixed))(f))) if fixed else s
 
 
 def seed(data) -> None:

@@ -8,8 +8,10 @@ Backend modules: python/kernswap/backends/moe_<name>.py with ``available() -> (b
     fused_experts(hidden2d, topk_weights, topk_ids, w_gate_up, w_down) -> out2d [T, H]
     experts(hidden2d, sorted_pair_ids, expert_offsets, w_gate_up, w_down, top_k) -> pair_out [T*top_k, H]
     combine(pair_out, topk_weights) -> out2d [T, H]
-``supports`` gets the piece name and that piece's arguments by keyword (the names above). A piece a backend
-lacks (or does not support for these inputs) runs in the reference (kernswap.reference.moe).
+``supports`` gets the piece name and that piece's arguments by keyword (the names above); an optional
+``supports_format(**fmt)`` says which formats the backend can ever run (configs check it at construction). With
+backend="auto" a piece no backend has (or supports for these inputs) runs in the reference
+(kernswap.reference.moe); a forced backend that lacks it raises.
 """
 from types import ModuleType
 from typing import Optional, Tuple, Union
