@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 B="${KS_BUILD_DIR:-build/dev}"
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKERNSWAP_CUDA="${KERNSWAP_CUDA:-OFF}" \
+  -DKERNSWAP_ASAN="${KERNSWAP_ASAN:-OFF}" \
   -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')" >/dev/null
 cmake --build "$B" -j 2
 for f in "$B"/_C*.so; do  # copy then rename: a running process keeps its mapped old file

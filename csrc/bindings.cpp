@@ -1,6 +1,7 @@
 // The kernswap._C module: CPU tier queries and the dispatch report here; each op's entry points come from its csrc/bind_<op>.cpp,
-// registered through bind_registry.h. Tensors arrive as raw addresses (tensor.data_ptr()) plus sizes and
-// strides; the Python side validates every argument before calling.
+// registered through bind_registry.h. Tensors arrive as raw addresses (tensor.data_ptr()) with their element counts,
+// sizes and strides; the Python side validates every argument first, and each binding checks again that the sizes
+// fit the buffers before a kernel runs (bind_checks.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -28,10 +28,12 @@ def test_qdequant_matches_format(isa, fmt, n, k, rows):
     ld = k + 3  # a padded leading dimension: the kernel must honour it
     out = torch.full((rows[1] - rows[0], ld), float("nan"))
     scale = qw.scale.contiguous()
-    zero = 0 if qw.zero is None else qw.zero.contiguous().data_ptr()
+    zero = None if qw.zero is None else qw.zero.contiguous()
     with use_isa(isa):
-        _ext.get_C().qdequant(qw.packed.data_ptr(), qw.bits, qw.group_size, n, k, scale.data_ptr(), zero,
-                              rows[0], rows[1], out.data_ptr(), ld, 2)
+        _ext.get_C().qdequant(qw.packed.data_ptr(), qw.packed.numel(), qw.bits, qw.group_size, n, k,
+                              scale.data_ptr(), scale.numel(), 0 if zero is None else zero.data_ptr(),
+                              0 if zero is None else zero.numel(), rows[0], rows[1], out.data_ptr(), out.numel(), ld,
+                              2)
     torch.testing.assert_close(out[:, :k], want, rtol=0, atol=0)
     assert torch.isnan(out[:, k:]).all(), "wrote past K in the padded leading dimension"
 

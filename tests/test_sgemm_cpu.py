@@ -7,6 +7,7 @@ import torch
 
 from conftest import HAVE_C, ISAS, NO_C_REASON, use_isa
 from kernswap import _ext
+from kernswap.backends.cpu import extent
 
 pytestmark = pytest.mark.skipif(not HAVE_C, reason=NO_C_REASON)
 
@@ -16,6 +17,11 @@ pytestmark = pytest.mark.skipif(not HAVE_C, reason=NO_C_REASON)
 SHAPES = [(0, 5, 7), (5, 0, 7), (3, 5, 0), (13, 9, 0), (1, 1, 1), (4, 67, 33), (5, 7, 3), (6, 64, 16), (13, 65, 129),
           (7, 130, 257), (37, 200, 300), (100, 33, 513), (31, 129, 17), (14, 76, 40), (20, 48, 9), (3, 13, 15),
           (17, 24, 8)]
+
+
+def _buf(t):
+    """(address, element count, leading dimension) of a row-major operand, as the binding takes them."""
+    return t.data_ptr(), extent(t), t.stride(0)
 
 
 def _operands(M, N, K, transposed_b):
@@ -40,7 +46,7 @@ def test_sgemm_matches_matmul(isa, transposed_b, accumulate):
             # fp32 accumulation in any order: |err| <= K * eps32 * (|a| @ |b|) (+ the rounding of the C add)
             mag = a.double().abs() @ bk.double().abs() + c.double().abs()
             tol = (max(K, 1) + 1) * torch.finfo(torch.float32).eps * mag + 1e-30
-            fn(M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), c.data_ptr(), c.stride(0), accumulate)
+            fn(M, N, K, *_buf(a), *_buf(b), *_buf(c), accumulate)
             err = (c.double() - ref).abs()
             assert not (err > tol).any(), f"{isa} {M}x{N}x{K}: max err {err.max().item():.3e}"
 
@@ -54,7 +60,7 @@ def test_sgemm_leaves_other_memory_alone(isa):
         for fn, transposed in ((C.sgemm_nn, False), (C.sgemm_nt, True)):
             a, b, _ = _operands(M, N, K, transposed)
             big = torch.full((M, N + 7), 123.0)
-            fn(M, N, K, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), big.data_ptr(), big.stride(0), False)
+            fn(M, N, K, *_buf(a), *_buf(b), *_buf(big), False)
             assert torch.all(big[:, N:] == 123.0)
             bk = b.t() if transposed else b
             torch.testing.assert_close(big[:, :N], a @ bk, rtol=1e-5, atol=1e-4 * math.sqrt(K))

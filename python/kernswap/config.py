@@ -7,6 +7,29 @@ from .formats.scale_search import METHODS as QUANT_METHODS
 
 __all__ = ["QuantConfig", "SHORTCUTS", "SparseAttentionConfig", "MoEConfig"]
 
+
+def backend_problem(op: str, backend: Backend, pieces=(), **fmt) -> Optional[str]:
+    """Why a config forcing ``backend`` can never run ``op`` (BackendTable.config_problem), None if it may."""
+    if backend in (Backend.AUTO, Backend.REFERENCE):
+        return None
+    from .ops._moe_common import MOE_TABLE  # lazily: the ops' modules import this one's users
+    from .ops.block_sparse_attention import TABLE as ATTENTION_TABLE
+    from .ops.quantized_linear import TABLE as QLINEAR_TABLE
+
+    table = {"quantized_linear": QLINEAR_TABLE, "block_sparse_attention": ATTENTION_TABLE, "fused_moe": MOE_TABLE}[op]
+    return table.config_problem(backend, pieces, **fmt)
+
+
+def moe_backend_problem(backend: Backend, quantized: bool) -> Optional[str]:
+    """Why experts forced onto ``backend`` can never run (FusedExperts needs the fused_experts piece)."""
+    return backend_problem("fused_moe", backend, ("fused_experts",), quantized=quantized)
+
+
+def bad_backend(field: str, what: str, backend: Backend, why: str) -> ValueError:
+    return ValueError(f"{field} must be a backend that can run {what}, got {backend.value!r}: {why}; "
+                      f"use 'auto' or 'reference'")
+
+
 _INT4_GROUPS = (32, 64, 128)
 
 
@@ -52,6 +75,10 @@ class QuantConfig:
             object.__setattr__(self, "method", "mse" if self.weight_bits == 4 else "rtn")
         if self.method not in QUANT_METHODS:
             raise bad("method", f"one of {list(QUANT_METHODS)}", self.method)
+        why = backend_problem("quantized_linear", self.backend, bits=self.weight_bits, group_size=self.group_size,
+                              dynamic_act=self.dynamic_activations)
+        if why:
+            raise bad_backend("QuantConfig.backend", self.name, self.backend, why)
 
     @property
     def name(self) -> str:
@@ -126,6 +153,9 @@ class SparseAttentionConfig:
             raise _bad(c, "density", "a float in (0, 1]", d)
         object.__setattr__(self, "density", float(d))
         object.__setattr__(self, "backend", normalize_backend(self.backend, f"{c}.backend"))
+        why = backend_problem("block_sparse_attention", self.backend)
+        if why:
+            raise bad_backend(f"{c}.backend", "block-sparse attention", self.backend, why)
 
     @property
     def name(self) -> str:
@@ -165,6 +195,10 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.quant must be None, a QuantConfig or one of {sorted(SHORTCUTS)}, "
                                  f"got {self.quant!r}") from e
         object.__setattr__(self, "backend", normalize_backend(self.backend, "MoEConfig.backend"))
+        why = moe_backend_problem(self.backend, self.quant is not None)
+        if why:
+            raise bad_backend("MoEConfig.backend", "the fused experts" + (f" ({self.quant.name})" if self.quant else ""),
+                              self.backend, why)
 
     @property
     def name(self) -> str:

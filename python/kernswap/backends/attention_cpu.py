@@ -8,7 +8,7 @@ import torch
 
 from .. import _ext
 from . import cpu
-from .cpu import DTYPE_CODES
+from .cpu import DTYPE_CODES, extent
 
 __all__ = ["available", "supports", "block_sparse_attention", "DTYPE_CODES", "HEAD_DIMS"]
 
@@ -52,7 +52,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     mask = block_mask if block_mask.dtype == torch.bool else block_mask.bool()
     mask = mask.contiguous()
     mstride = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
-    C.block_sparse_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODES[q.dtype], b, hq, hkv, sq, sk, d,
-                             _strides3(q), _strides3(k), _strides3(v), mask.data_ptr(), mstride, int(block_size),
-                             bool(causal), float(scale), out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    C.block_sparse_attention(q.data_ptr(), extent(q), k.data_ptr(), extent(k), v.data_ptr(), extent(v),
+                             DTYPE_CODES[q.dtype], b, hq, hkv, sq, sk, d, _strides3(q), _strides3(k), _strides3(v),
+                             mask.data_ptr(), extent(mask), mstride, int(block_size), bool(causal), float(scale),
+                             out.data_ptr(), out.numel(), lse.data_ptr(), lse.numel(), torch.get_num_threads())
     return out, lse

@@ -6,7 +6,8 @@ import torch
 
 from .. import _ext
 
-__all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES", "dense_from_rows", "tier_note"]
+__all__ = ["available", "supports", "quantized_linear", "prepare", "DTYPE_CODES", "dense_from_rows", "tier_note",
+           "extent"]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -34,6 +35,17 @@ def _panel_buffer(numel: int) -> torch.Tensor:
     if buf is None or buf.numel() < numel:
         buf = _scratch.buf = torch.empty(numel)
     return buf[:numel]
+
+
+def extent(t: Optional[torch.Tensor]) -> int:
+    """The element count every kernswap._C binding receives with a buffer and checks sizes and strides against
+    (0 for None): t.numel() for a contiguous tensor (it holds that many from t.data_ptr()), else the elements of
+    t's dtype from t.data_ptr() to the end of its storage (a strided view addresses past its numel)."""
+    if t is None:
+        return 0
+    if t.is_contiguous():
+        return t.numel()
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
 def dense_from_rows(bits: int, isa: Optional[str] = None) -> Optional[int]:
@@ -65,9 +77,8 @@ def tier_note(bits: int, dynamic_act: bool) -> Optional[str]:
 
 
 def supports(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -> bool:
-    """Every format on CPU tensors of fp32/bf16/fp16 whose rows are contiguous."""
-    return (x2d.device.type == "cpu" and x2d.dtype in DTYPE_CODES and x2d.dim() == 2
-            and (x2d.shape[1] <= 1 or x2d.stride(1) == 1) and bits in (4, 8))
+    """Every format on 2-D CPU tensors of fp32/bf16/fp16 (rows that are not contiguous are copied first)."""
+    return x2d.device.type == "cpu" and x2d.dtype in DTYPE_CODES and x2d.dim() == 2 and bits in (4, 8)
 
 
 def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
@@ -93,11 +104,15 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
     scale = scale.to(torch.float32).contiguous()
     zero = None if zero is None else zero.to(torch.uint8).contiguous()
     bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    ptrs = (packed.data_ptr(), int(bits), int(group_size), int(out_features), scale.data_ptr(),
-            0 if zero is None else zero.data_ptr(), 0 if bias is None else bias.data_ptr())
+    # the weight side of every call, with each buffer's element count (the binding checks the sizes against them)
+    wq = (packed.data_ptr(), extent(packed))
+    ws = (scale.data_ptr(), extent(scale))
+    wz = (0, 0) if zero is None else (zero.data_ptr(), extent(zero))
+    wb = (0, 0) if bias is None else (bias.data_ptr(), extent(bias))
+    ptrs = (*wq, int(bits), int(group_size), int(out_features), *ws, *wz, *wb)
     qlinear, codes, k, n, dyn = C.qlinear, DTYPE_CODES, int(in_features), int(out_features), bool(dynamic_act)
     panel = max(16, min((n + 15) // 16 * 16, _PANEL_BYTES // (4 * k) // 16 * 16))
-    deq = (C.qdequant, ptrs[0], int(bits), int(group_size), n, k, ptrs[4], ptrs[5])
+    deq = (C.qdequant, *wq, int(bits), int(group_size), n, k, *ws, *wz)
 
     def dense(x2d: torch.Tensor) -> torch.Tensor:
         """fp32 GEMM on dequantized panels of at most `panel` weight rows."""
@@ -106,7 +121,7 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
         y = torch.empty(x2d.shape[0], n)
         for n0 in range(0, n, panel):
             n1 = min(n, n0 + panel)
-            deq[0](*deq[1:], n0, n1, buf.data_ptr(), k, torch.get_num_threads())
+            deq[0](*deq[1:], n0, n1, buf.data_ptr(), buf.numel(), k, torch.get_num_threads())
             w = buf[:n1 - n0].t()
             if n1 - n0 == n:
                 torch.mm(xf, w, out=y) if bias is None else torch.addmm(bias, xf, w, out=y)
@@ -126,7 +141,7 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
         code = codes[x2d.dtype]
-        qlinear(x2d.data_ptr(), code, m, k, x2d.stride(0), *ptrs, y.data_ptr(), code, n, dyn,
+        qlinear(x2d.data_ptr(), extent(x2d), code, m, k, x2d.stride(0), *ptrs, y.data_ptr(), y.numel(), code, n, dyn,
                 torch.get_num_threads())
         return y
 

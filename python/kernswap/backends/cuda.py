@@ -38,15 +38,20 @@ def available() -> Tuple[bool, str]:
     return True, ""
 
 
+def supports_format(bits: int, group_size: int, dynamic_act: bool) -> bool:
+    """weight-only formats only (dynamic_activations=False): int8, int4 g32/64/128"""
+    return not dynamic_act and (bits == 8 or (bits == 4 and group_size in (32, 64, 128)))
+
+
 def supports(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool) -> bool:
     """Weight-only int8 / int4 (g32/64/128), bf16/fp16 CUDA activations, M <= 16."""
-    if dynamic_act or not x2d.is_cuda or x2d.dtype not in _DTYPE_CODE or x2d.dim() != 2:
+    if not supports_format(bits, group_size, dynamic_act):
+        return False
+    if not x2d.is_cuda or x2d.dtype not in _DTYPE_CODE or x2d.dim() != 2:
         return False
     if x2d.shape[0] > MAX_M:
         return False
-    if bits == 8:
-        return True
-    return bits == 4 and group_size in (32, 64, 128) and x2d.shape[1] % group_size == 0
+    return bits == 8 or x2d.shape[1] % group_size == 0
 
 
 def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],

@@ -10,14 +10,14 @@ import torch
 
 from .. import _ext
 from . import cpu
-from .cpu import DTYPE_CODES
+from .cpu import DTYPE_CODES, extent
 from ..formats.experts import QuantizedExperts
 
 __all__ = ["available", "supports", "route", "align", "fused_experts", "experts", "combine", "prepare"]
 
 SCORING_CODES = {("softmax", "softmax_topk"): 0, ("softmax", "topk_softmax"): 1, ("sigmoid", "softmax_topk"): 2,
                  ("sigmoid", "topk_softmax"): 2}
-_NO_Q = (0, 0, 0, 0, 0, 0, 0, 0, False)
+_NO_Q = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False)
 
 
 def available() -> Tuple[bool, str]:
@@ -66,9 +66,10 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: s
     ids = torch.empty(t, top_k, dtype=torch.int32)
     if t:
         bias = None if correction_bias is None else correction_bias.to(torch.float32).contiguous()
-        _ext.get_C().moe_route(logits.data_ptr(), t, e, logits.stride(0), top_k, SCORING_CODES[(scoring, order)],
-                               bool(renormalize), 0 if bias is None else bias.data_ptr(), weights.data_ptr(),
-                               ids.data_ptr(), _threads())
+        _ext.get_C().moe_route(logits.data_ptr(), extent(logits), t, e, logits.stride(0), top_k,
+                               SCORING_CODES[(scoring, order)], bool(renormalize),
+                               0 if bias is None else bias.data_ptr(), extent(bias), weights.data_ptr(),
+                               weights.numel(), ids.data_ptr(), ids.numel(), _threads())
     return weights, ids
 
 
@@ -78,7 +79,8 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = 
     p = ids.numel()
     sorted_ids = torch.empty(p, dtype=torch.int32)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32)
-    bad = _ext.get_C().moe_align(ids.data_ptr(), p, num_experts, sorted_ids.data_ptr(), offsets.data_ptr())
+    bad = _ext.get_C().moe_align(ids.data_ptr(), p, p, num_experts, sorted_ids.data_ptr(), p, offsets.data_ptr(),
+                                 num_experts + 1)
     if bad:
         raise ValueError(f"moe_align: topk_ids must be in [0, num_experts={num_experts}), got {bad} value(s) "
                          f"outside")
@@ -86,19 +88,22 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = 
 
 
 def _weight_args(w_gate_up, w_down):
-    """(keep-alive tensors, w_gate_up_ptr, w_down_ptr, w_dtype, q_gate_up, q_down, inter_size)."""
+    """(keep-alive tensors, (w_gate_up_ptr, its numel), (w_down_ptr, its numel), w_dtype, q_gate_up, q_down,
+    inter_size)."""
     if isinstance(w_gate_up, QuantizedExperts):
         def q(w: QuantizedExperts):
             p, s, z = w.packed.contiguous(), w.scale.to(torch.float32).contiguous(), w.zero
             z = None if z is None else z.contiguous()
-            return (p, s, z), (p.data_ptr(), p.stride(0) * p.element_size(), s.data_ptr(), s.stride(0),
-                               0 if z is None else z.data_ptr(), 0 if z is None else z.stride(0), int(w.bits),
-                               int(w.group_size), bool(w.dynamic_activations))
+            return (p, s, z), (p.data_ptr(), extent(p), p.stride(0) * p.element_size(), s.data_ptr(), extent(s),
+                               s.stride(0), 0 if z is None else z.data_ptr(), extent(z),
+                               0 if z is None else z.stride(0), int(w.bits), int(w.group_size),
+                               bool(w.dynamic_activations))
         kg, qg = q(w_gate_up)
         kd, qd = q(w_down)
-        return kg + kd, 0, 0, 0, qg, qd, w_down.in_features
+        return kg + kd, (0, 0), (0, 0), 0, qg, qd, w_down.in_features
     gu, d = w_gate_up.contiguous(), w_down.contiguous()
-    return (gu, d), gu.data_ptr(), d.data_ptr(), DTYPE_CODES[gu.dtype], _NO_Q, _NO_Q, d.shape[2]
+    return ((gu, d), (gu.data_ptr(), extent(gu)), (d.data_ptr(), extent(d)), DTYPE_CODES[gu.dtype], _NO_Q, _NO_Q,
+            d.shape[2])
 
 
 def _x(hidden2d: torch.Tensor) -> torch.Tensor:
@@ -111,7 +116,8 @@ def prepare(w_gate_up, w_down):
     ValueError (the C++ alignment counts them). The runner holds references to the tensors it points into."""
     keep, wgu, wd, wdt, qg, qd, inter = _weight_args(w_gate_up, w_down)
     e = w_gate_up.num_experts if isinstance(w_gate_up, QuantizedExperts) else w_gate_up.shape[0]
-    C = _ext.get_C()
+    wargs = (*wgu, *wd, wdt, qg, qd)  # the weight side of every call, with the buffers' element counts
+    experts_combine = _ext.get_C().moe_experts_combine
 
     def run(hidden2d: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         x = _x(hidden2d)
@@ -120,13 +126,13 @@ def prepare(w_gate_up, w_down):
         if t == 0:
             return out
         k = topk_ids.shape[1]
-        sorted_ids, offsets = align(topk_ids, e)
+        sorted_ids, offsets = align(topk_ids, e)  # (fresh buffers of t * k and e + 1 elements)
         w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.to(torch.float32)
         w = w.contiguous()
         code = DTYPE_CODES[x.dtype]
-        C.moe_experts_combine(x.data_ptr(), code, t, h, inter, e, k, x.stride(0), sorted_ids.data_ptr(),
-                              offsets.data_ptr(), wgu, wd, wdt, qg, qd, w.data_ptr(), out.data_ptr(), code, h,
-                              _threads())
+        experts_combine(x.data_ptr(), extent(x), code, t, h, inter, e, k,
+                        x.stride(0), sorted_ids.data_ptr(), t * k, offsets.data_ptr(), e + 1, *wargs, w.data_ptr(),
+                        w.numel(), out.data_ptr(), t * h, code, h, _threads())
         return out
 
     run.keep = keep
@@ -154,9 +160,9 @@ def experts(hidden2d: torch.Tensor, sorted_pair_ids: torch.Tensor, expert_offset
     rows = int(offsets[-1])
     sorted_out = torch.empty(max(rows, 1), h, dtype=torch.float32)
     if t and rows:
-        _ext.get_C().moe_experts(x.data_ptr(), DTYPE_CODES[x.dtype], t, h, inter, e, top_k, x.stride(0),
-                                 sorted_ids.data_ptr(), offsets.data_ptr(), wgu, wd, wdt, qg, qd,
-                                 sorted_out.data_ptr(), _threads())
+        _ext.get_C().moe_experts(x.data_ptr(), extent(x), DTYPE_CODES[x.dtype], t, h, inter, e, top_k, x.stride(0),
+                                 sorted_ids.data_ptr(), sorted_ids.numel(), offsets.data_ptr(), offsets.numel(),
+                                 *wgu, *wd, wdt, qg, qd, sorted_out.data_ptr(), sorted_out.numel(), _threads())
     del keep
     pair_out = torch.zeros(p, h, dtype=x.dtype)
     if rows:
@@ -181,6 +187,6 @@ def combine(pair_out: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, h, dtype=pair_out.dtype)
     if t and h:
         w = topk_weights.to(torch.float32).contiguous()
-        _ext.get_C().moe_combine(rows.data_ptr(), h, 0, w.data_ptr(), t, k, h, out.data_ptr(),
-                                 DTYPE_CODES[pair_out.dtype], h, _threads())
+        _ext.get_C().moe_combine(rows.data_ptr(), rows.numel(), h, 0, 0, w.data_ptr(), w.numel(), t, k, h,
+                                 out.data_ptr(), out.numel(), DTYPE_CODES[pair_out.dtype], h, _threads())
     return out

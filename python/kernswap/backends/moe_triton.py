@@ -43,6 +43,11 @@ def supports_align(topk_ids: torch.Tensor, num_experts: int, block_size: Optiona
             and _device_ok(topk_ids) and int(num_experts) >= 1 and (block_size is None or int(block_size) >= 1))
 
 
+def supports_format(quantized: bool) -> bool:
+    """float experts only (quantized experts run on the cpu backend or the reference)"""
+    return not quantized
+
+
 def supports_fused_experts(hidden2d: torch.Tensor, topk_weights: Optional[torch.Tensor] = None,
                            topk_ids: Optional[torch.Tensor] = None, w_gate_up=None, w_down=None) -> bool:
     """Float (not quantized) weights in hidden2d's dtype (fp32 / fp16 / bf16) on its device; CUDA tensors, or
@@ -55,8 +60,8 @@ def supports_fused_experts(hidden2d: torch.Tensor, topk_weights: Optional[torch.
     for w in (w_gate_up, w_down):
         if w is None:
             continue
-        if not isinstance(w, torch.Tensor):
-            return False  # quantized experts: not covered by this backend
+        if not supports_format(not isinstance(w, torch.Tensor)):
+            return False
         if w.dtype != hidden2d.dtype or w.device != hidden2d.device or w.dim() != 3:
             return False
     if topk_ids is not None and (topk_ids.dtype not in _ID_DTYPES or topk_ids.device != hidden2d.device):

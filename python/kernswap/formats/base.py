@@ -4,7 +4,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["QuantizedWeight", "TILE_N", "padded_n", "layout"]
+__all__ = ["QuantizedWeight", "TILE_N", "padded_n", "layout", "check_format"]
 
 TILE_N = 16
 
@@ -30,6 +30,75 @@ def layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_fe
     raise ValueError(f"bits must be 8 or 4, got {bits!r}")
 
 
+_LAYOUTS: Dict[tuple, tuple] = {}  # (bits, group_size, symmetric, out_features, in_features) that passed -> layout
+
+
+def _layout(key: tuple) -> tuple:
+    """layout() as ((name, spec), ...) in packed, scale, zero order for a format key that passed check_format's
+    checks; memoised (every eager call of the quantized-linear checks asks), computed afresh while torch.compile
+    traces and for symbolic sizes (a SymInt does not hash)."""
+    d = layout(key[0], key[1], key[2], key[3], key[4])
+    spec = tuple((name, d[name]) for name in ("packed", "scale", "zero"))
+    if not torch.compiler.is_compiling() and len(_LAYOUTS) < 4096 and all(type(v) in (int, bool) for v in key):
+        _LAYOUTS[key] = spec
+    return spec
+
+
+def _is_int(v) -> bool:
+    """An int (a SymInt too: a size while torch.compile or opcheck traces with dynamic shapes)."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def check_format(head: str, attr: str, packed, scale, zero, bits, group_size, symmetric, in_features,
+                 out_features, lead: Tuple[int, ...] = ()) -> None:
+    """The one check of a packed weight's format: bits, group size and sizes, then the stored tensors' shapes and
+    dtypes against :func:`layout`. Used by QuantizedWeight (at construction) and by the quantized-linear op's
+    checking function on every call (a QuantizedWeight edited after construction is caught there); ``head``
+    prefixes sentences ("QuantizedWeight: "), ``attr`` the tensors' names ("QuantizedWeight."). ``lead``: leading
+    dims of stacked weights (QuantizedExperts: (num_experts,))."""
+    key = (bits, group_size, symmetric, out_features, in_features)
+    spec = None
+    if not torch.compiler.is_compiling():
+        try:
+            spec = _LAYOUTS.get(key)  # a format that passed the checks below before
+        except TypeError:  # symbolic sizes
+            pass
+    if spec is None:
+        _check_sizes(head, attr, bits, group_size, symmetric, in_features, out_features)
+        spec = _layout(key)
+    for (name, want), t in zip(spec, (packed, scale, zero)):
+        if want is None:
+            if t is not None:
+                raise ValueError(f"{attr}{name} must be None for this format "
+                                 f"(bits={bits}, symmetric={symmetric}), got a tensor")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{attr}{name} must be a torch.Tensor, got {type(t).__name__}")
+        shape, dtype = want
+        if lead:
+            shape = lead + shape
+        if t.dtype != dtype or t.shape != shape:
+            raise ValueError(f"{attr}{name} must be {dtype} of shape {list(shape)}, "
+                             f"got {t.dtype} of shape {list(t.shape)}")
+
+
+def _check_sizes(head: str, attr: str, bits, group_size, symmetric, in_features, out_features) -> None:
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ValueError(f"{attr}bits must be 8 or 4, got {bits!r}")
+    if not (_is_int(in_features) and _is_int(out_features)) or in_features <= 0 or out_features <= 0:
+        raise ValueError(f"{head}in_features and out_features must be ints > 0, "
+                         f"got in_features={in_features!r}, out_features={out_features!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{attr}symmetric must be a bool, got {symmetric!r}")
+    if bits == 8:
+        if group_size != in_features or not symmetric:
+            raise ValueError(f"{head}int8 needs group_size == in_features={in_features} and "
+                             f"symmetric=True, got group_size={group_size!r}, symmetric={symmetric}")
+    elif isinstance(group_size, bool) or group_size not in (32, 64, 128) or in_features % group_size:
+        raise ValueError(f"{head}int4 needs group_size in [32, 64, 128] dividing "
+                         f"in_features={in_features}, got group_size={group_size!r}")
+
+
 @dataclasses.dataclass
 class QuantizedWeight:
     """A packed quantized [out_features, in_features] weight.
@@ -49,32 +118,8 @@ class QuantizedWeight:
     dynamic_activations: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 4):
-            raise ValueError(f"QuantizedWeight.bits must be 8 or 4, got {self.bits!r}")
-        if self.in_features <= 0 or self.out_features <= 0:
-            raise ValueError(f"QuantizedWeight: in_features and out_features must be > 0, "
-                             f"got in_features={self.in_features}, out_features={self.out_features}")
-        if self.bits == 8:
-            if self.group_size != self.in_features or not self.symmetric:
-                raise ValueError(f"QuantizedWeight: int8 needs group_size == in_features={self.in_features} and "
-                                 f"symmetric=True, got group_size={self.group_size}, symmetric={self.symmetric}")
-        elif self.group_size not in (32, 64, 128) or self.in_features % self.group_size:
-            raise ValueError(f"QuantizedWeight: int4 needs group_size in [32, 64, 128] dividing "
-                             f"in_features={self.in_features}, got group_size={self.group_size}")
-        spec = layout(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features)
-        for name in ("packed", "scale", "zero"):
-            t, want = getattr(self, name), spec[name]
-            if want is None:
-                if t is not None:
-                    raise ValueError(f"QuantizedWeight.{name} must be None for this format "
-                                     f"(bits={self.bits}, symmetric={self.symmetric}), got a tensor")
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"QuantizedWeight.{name} must be a torch.Tensor, got {type(t).__name__}")
-            shape, dtype = want
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"QuantizedWeight.{name} must be {dtype} of shape {list(shape)}, "
-                                 f"got {t.dtype} of shape {list(t.shape)}")
+        check_format("QuantizedWeight: ", "QuantizedWeight.", self.packed, self.scale, self.zero, self.bits,
+                     self.group_size, self.symmetric, self.in_features, self.out_features)
 
     # ---------------------------------------------------------------- views
     @property

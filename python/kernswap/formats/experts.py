@@ -9,9 +9,20 @@ from typing import Optional, Union
 
 import torch
 
-from .base import QuantizedWeight, layout
+from .base import QuantizedWeight, check_format
 
-__all__ = ["QuantizedExperts", "quantize_experts"]
+__all__ = ["QuantizedExperts", "quantize_experts", "check_stacked"]
+
+
+def check_stacked(where: str, w: "QuantizedExperts") -> None:
+    """The stacked tensors of ``w`` against its format (check_format with a leading num_experts > 0 dim): at
+    construction, and on every call of the MoE ops' checks (a QuantizedExperts edited afterwards is caught)."""
+    p = w.packed
+    if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] == 0:
+        got = type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)
+        raise ValueError(f"{where}.packed must be a 3-D tensor [num_experts, ...] with num_experts > 0, got {got}")
+    check_format(f"{where}: ", f"{where}.", p, w.scale, w.zero, w.bits, w.group_size, w.symmetric, w.in_features,
+                 w.out_features, lead=(p.shape[0],))
 
 
 @dataclasses.dataclass
@@ -30,19 +41,7 @@ class QuantizedExperts:
     dynamic_activations: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.packed, torch.Tensor) or self.packed.dim() != 3 or self.packed.shape[0] == 0:
-            got = type(self.packed).__name__ if not isinstance(self.packed, torch.Tensor) else list(self.packed.shape)
-            raise ValueError(f"QuantizedExperts.packed must be a 3-D tensor [num_experts, ...] with num_experts > 0, "
-                             f"got {got}")
-        e = self.packed.shape[0]
-        # validates bits / group_size / shapes / dtypes exactly like one QuantizedWeight
-        self.expert(0)
-        spec = layout(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features)
-        for name in ("packed", "scale", "zero"):
-            t, want = getattr(self, name), spec[name]
-            if want is not None and (tuple(t.shape) != (e,) + tuple(want[0]) or t.dtype != want[1]):
-                raise ValueError(f"QuantizedExperts.{name} must be {want[1]} of shape {[e] + list(want[0])}, "
-                                 f"got {t.dtype} of shape {list(t.shape)}")
+        check_stacked("QuantizedExperts", self)
 
     # ---------------------------------------------------------------- views
     @property

@@ -14,12 +14,14 @@ import torch
 import torch.nn as nn
 
 from .. import _ext
-from ..config import QuantConfig
+from ..backend import Backend, normalize_backend
+from ..config import QuantConfig, bad_backend, moe_backend_problem
 from ..formats.base import layout
 from ..formats.experts import QuantizedExperts, quantize_experts
 from ..ops._dispatch import eager_fast_path
+from ..ops._moe_common import check_experts
 from ._state import CachedRunnerModule, tensor_key
-from ..ops.fused_moe import fused_moe
+from ..ops.fused_moe import check_routed, fused_moe
 
 __all__ = ["FusedExperts", "experts_quant_config"]
 
@@ -58,9 +60,9 @@ class FusedExperts(CachedRunnerModule):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"FusedExperts: {name} must be an int > 0, got {v!r}")
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_size, intermediate_size
-        self.backend = backend
         e, h, i = num_experts, hidden_size, intermediate_size
         self.quant = None if quant is None else QuantConfig.from_any(quant)
+        self.backend = backend  # validated (see the property)
         if self.quant is None:
             dt = dtype or torch.get_default_dtype()
             self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h, dtype=dt, device=device), requires_grad=False)
@@ -81,6 +83,21 @@ class FusedExperts(CachedRunnerModule):
                     self.register_buffer(f"{prefix}_{part}", torch.zeros((e,) + tuple(shape), dtype=dt,
                                                                          device=device))
         self.register_buffer("qformat", _meta(cfg_gu, cfg_d, e, h, i).to(device))
+
+    @property
+    def backend(self) -> Backend:
+        b = self.__dict__.get("_backend")
+        return b if b is not None else normalize_backend(self.__dict__.get("backend"))  # (a module pickled before)
+
+    @backend.setter
+    def backend(self, value) -> None:
+        """A known backend that has the fused experts for this module's format, else ValueError at once (not at
+        the first forward)."""
+        b = normalize_backend(value, "FusedExperts.backend")
+        why = moe_backend_problem(b, self.__dict__.get("quant") is not None)
+        if why:
+            raise bad_backend("FusedExperts.backend", "these experts", b, why)
+        self.__dict__["_backend"] = b
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -117,8 +134,11 @@ class FusedExperts(CachedRunnerModule):
     def weights(self):
         """(w_gate_up, w_down): float tensors or QuantizedExperts views of the buffers."""
         if self.quant is None:
-            return self.gate_up_proj, self.down_proj
-        key = tensor_key(*(getattr(self, f"{p}_{q}") for p in ("gate_up", "down") for q in ("packed", "scale", "zero")))
+            params = self._parameters  # (the Module's own dict: cheaper than two attribute look-ups per call)
+            return params["gate_up_proj"], params["down_proj"]
+        bufs = self._buffers
+        key = tensor_key(*(bufs[f"{p}_{q}"] for p in ("gate_up", "down") for q in ("packed", "scale", "zero"))) + (
+            self.num_experts, self.hidden_dim, self.intermediate_dim, id(self.cfg_gate_up), id(self.cfg_down))
         cached = self.__dict__.get("_weights_cache")
         if cached is None or cached[0] != key:
             e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
@@ -137,7 +157,9 @@ class FusedExperts(CachedRunnerModule):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         run = self._cpu_runner(hidden_states, top_k_weights)
-        if run is not None:
+        if run is not None:  # the routing checked as fused_moe checks it, then the prepared kernel
+            check_routed("fused_moe", hidden_states.shape[0], top_k_weights.shape[1], top_k_weights, top_k_index,
+                         hidden_states.device)
             return run(hidden_states, top_k_weights, top_k_index)
         wgu, wd = self.weights()
         return fused_moe(hidden_states, None, wgu, wd, top_k_index.shape[-1], topk_weights=top_k_weights,
@@ -145,7 +167,9 @@ class FusedExperts(CachedRunnerModule):
 
     def _cpu_runner(self, x: torch.Tensor, w: torch.Tensor):
         """The prepared cpu-backend runner for plain eager CPU inference (else None: the op checks and
-        dispatches). The runner's C++ alignment rejects expert ids outside [0, E)."""
+        dispatches). The weights are checked by fused_moe's own check_experts when the runner is prepared (and
+        again whenever a weight, its storage or version, or the module's sizes change), the routing by its
+        check_routed on every call (in forward); the runner's C++ alignment rejects expert ids outside [0, E)."""
         if torch.compiler.is_compiling() or self.backend not in ("auto", "cpu"):
             return None
         if (x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES or x.shape[1] != self.hidden_dim
@@ -155,23 +179,18 @@ class FusedExperts(CachedRunnerModule):
         wgu, wd = self.weights()
         if isinstance(wgu, torch.Tensor) and (wgu.device.type != "cpu" or not eager_fast_path(wgu, wd)):
             return None  # (weights that record autograd go through the op, which says it has no backward)
-        key = (tensor_key(wgu, wd) if isinstance(wgu, torch.Tensor) else (id(wgu), id(wd))) + (id(_ext.get_C()),)
+        key = (tensor_key(wgu, wd) if isinstance(wgu, torch.Tensor) else (id(wgu), id(wd))) + (id(_ext.get_C()),
+                                                                                               self.hidden_dim)
         cached = self.__dict__.get("_runner_cache")
         if cached is None or cached[0] != key:
             from ..backends import moe_cpu
 
+            check_experts("fused_moe", self.hidden_dim, wgu, wd, x.device)  # raises as ops.fused_moe does
+
             ok = moe_cpu.available()[0] and moe_cpu.supports("fused_experts", hidden2d=x, w_gate_up=wgu, w_down=wd)
             cached = self.__dict__["_runner_cache"] = (key, moe_cpu.prepare(wgu, wd) if ok else None)
         run = cached[1]
-        if run is None:
-            return None
-
-        def checked(h, tw, ti):
-            if ti.shape != tw.shape or ti.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"FusedExperts: top_k_index must be an int tensor of the shape of top_k_weights "
-                                 f"{list(tw.shape)}, got {ti.dtype} {list(ti.shape)}")
-            return run(h, tw, ti)
-        return checked
+        return run
 
     def extra_repr(self) -> str:
         fmt = "float" if self.quant is None else self.quant.name

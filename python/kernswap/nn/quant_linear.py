@@ -10,7 +10,7 @@ from .. import _ext
 from ..backends import cpu as _cpu_backend
 from ..ops._dispatch import eager_fast_path
 from ._state import CachedRunnerModule, tensor_key
-from ..ops.quantized_linear import quantized_linear
+from ..ops.quantized_linear import check_bias, quantized_linear
 
 __all__ = ["QuantLinear"]
 
@@ -106,7 +106,8 @@ class QuantLinear(CachedRunnerModule):
     @property
     def qweight(self) -> QuantizedWeight:
         """The buffers viewed as a QuantizedWeight (no copy; rebuilt only when a buffer object changes)."""
-        key = tensor_key(self.packed, self.scale, self.zero)  # a replaced `.data` is re-validated below
+        # a replaced `.data`, an in-place edit or edited sizes / config are re-validated below
+        key = tensor_key(self.packed, self.scale, self.zero) + (self.in_features, self.out_features, id(self.config))
         cached = self.__dict__.get("_qweight_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -132,18 +133,23 @@ class QuantLinear(CachedRunnerModule):
 
     def _cpu_runner(self, x: torch.Tensor):
         """The prepared cpu-backend runner when this call is plain eager CPU inference that ``auto``/``cpu``
-        would send to the compiled kernel anyway (else None: the general path checks and dispatches)."""
+        would send to the compiled kernel anyway (else None: the general path checks and dispatches). The runner is
+        prepared from buffers checked by the op's own checks (the QuantizedWeight view runs check_format, the bias
+        check_bias) and rebuilt when a buffer, its storage or version, the sizes or the config change."""
         if torch.compiler.is_compiling():
             return None
+        bufs = self._buffers  # (the Module's own dicts: a third of the cost of four attribute look-ups)
+        packed, scale, zero, b = bufs["packed"], bufs["scale"], bufs["zero"], self._parameters["bias"]
         if (x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES or x.dim() == 0 or x.numel() == 0
                 or x.shape[-1] != self.in_features or self.config.backend.value not in ("auto", "cpu")
-                or self.packed.device.type != "cpu" or not eager_fast_path(x, self.bias)):
+                or packed.device.type != "cpu" or not eager_fast_path(x, b)):
             return None
-        b = self.bias
-        key = tensor_key(self.packed, self.scale, self.zero, b) + (id(_ext.get_C()),)
+        key = tensor_key(packed, scale, zero, b) + (id(_ext.get_C()), self.in_features, self.out_features,
+                                                    id(self.config))
         cached = self.__dict__.get("_runner_cache")
         if cached is None or cached[0] != key:
             qw = self.qweight
+            check_bias("quantized_linear", b, qw.out_features, qw.device)
             run = _cpu_backend.prepare(qw.packed, qw.scale, qw.zero, b, qw.bits, qw.group_size, qw.in_features,
                                        qw.out_features, qw.dynamic_activations) if _ext.have_cpu_ext() else None
             cached = self.__dict__["_runner_cache"] = (key, run)

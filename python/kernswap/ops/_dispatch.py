@@ -26,6 +26,32 @@ class BackendTable:
         self.auto = {k: tuple(v) for k, v in auto.items()}
         self._cache: Dict[tuple, Tuple[bool, str]] = {}
 
+    def names(self) -> Tuple[str, ...]:
+        """Every backend a call of this op can ask for: auto, the reference and the op's backend modules."""
+        return (Backend.AUTO.value,) + tuple(self.modules) + (Backend.REFERENCE.value,)
+
+    def config_problem(self, requested: Union[str, Backend], pieces: Sequence[str] = (), **fmt) -> Optional[str]:
+        """Why a config forcing backend ``requested`` can never run this op, or None when it may: a backend the op
+        does not have, one lacking a piece the config needs (``pieces``), or one whose declared formats (its
+        ``supports_format(**fmt)``, when it has one) exclude the config's. A backend that does not import here
+        passes: the call says why it is unavailable."""
+        req = normalize_backend(requested).value
+        if req in (Backend.AUTO.value, Backend.REFERENCE.value):
+            return None
+        if req not in self.modules:
+            return f"{self.op} has no {req!r} backend (it has {', '.join(map(repr, self.names()))})"
+        mod, _ = self.module(req)
+        if mod is None:
+            return None
+        missing = [p for p in pieces if not hasattr(mod, p)]
+        if missing:
+            return f"the {req!r} backend of {self.op} has no {', '.join(missing)} piece"
+        check = getattr(mod, "supports_format", None)
+        if fmt and check is not None and not check(**fmt):
+            return (f"the {req!r} backend of {self.op} does not run "
+                    f"{', '.join(f'{k}={v!r}' for k, v in fmt.items())}: {(check.__doc__ or '').strip()}")
+        return None
+
     def module(self, name: str) -> Tuple[Optional[ModuleType], str]:
         """(module, "") or (None, reason). Imported lazily: a broken optional backend never breaks the op."""
         path = self.modules.get(name)

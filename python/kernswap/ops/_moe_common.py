@@ -8,8 +8,10 @@ Backend modules: python/kernswap/backends/moe_<name>.py with ``available() -> (b
     fused_experts(hidden2d, topk_weights, topk_ids, w_gate_up, w_down) -> out2d [T, H]
     experts(hidden2d, sorted_pair_ids, expert_offsets, w_gate_up, w_down, top_k) -> pair_out [T*top_k, H]
     combine(pair_out, topk_weights) -> out2d [T, H]
-``supports`` gets the piece name and that piece's arguments by keyword (the names above). A piece a backend
-lacks (or does not support for these inputs) runs in the reference (kernswap.reference.moe).
+``supports`` gets the piece name and that piece's arguments by keyword (the names above); an optional
+``supports_format(**fmt)`` says which formats the backend can ever run (configs check it at construction). With
+backend="auto" a piece no backend has (or supports for these inputs) runs in the reference
+(kernswap.reference.moe); a forced backend that lacks it raises.
 """
 from types import ModuleType
 from typing import Optional, Tuple, Union
@@ -17,13 +19,13 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..backend import Backend, normalize_backend
-from ..formats.experts import QuantizedExperts
+from ..formats.experts import QuantizedExperts, check_stacked, experts_from_args
+from ._checks import FLOAT_DTYPES, check_backend, check_device, check_int, check_tensor, require
 from ._dispatch import BackendTable, eager_fast_path
 
 __all__ = ["MOE_TABLE", "choose_piece", "FLOAT_DTYPES", "check_tensor", "check_int", "check_experts",
-           "num_experts_of", "eager_fast_path"]
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+           "check_backend", "check_device", "require", "num_experts_of", "experts_of", "eager_fast_path"]
+PIECES = ("route", "align", "fused_experts", "experts", "combine")
 MOE_TABLE = BackendTable(
     "fused_moe",
     {"cpu": "kernswap.backends.moe_cpu", "cuda": "kernswap.backends.moe_cuda",
@@ -33,10 +35,10 @@ MOE_TABLE = BackendTable(
 
 def choose_piece(piece: str, device_type: str, requested: Union[str, Backend], **kw
                  ) -> Tuple[str, Optional[ModuleType]]:
-    """(backend name, module) for one piece; (\"reference\", None) when no backend has it.
+    """(backend name, module) for one piece; (\"reference\", None) when auto finds no backend with it.
 
-    A forced backend (not auto/reference) that lacks the piece falls back to the reference for that piece
-    only when the backend is available; forcing an unavailable backend raises RuntimeError."""
+    A forced backend (not auto/reference) never falls back: unavailable, it raises RuntimeError with its reason;
+    lacking the piece, or not supporting these inputs, NotImplementedError (what BackendTable.choose does)."""
     req = normalize_backend(requested)
     if req is Backend.REFERENCE:
         return "reference", None
@@ -46,7 +48,9 @@ def choose_piece(piece: str, device_type: str, requested: Union[str, Backend], *
             ok, reason = MOE_TABLE.available(req.value)
             if not ok:
                 raise RuntimeError(f"fused_moe: backend={req.value!r} is unavailable: {reason}")
-            return "reference", None
+            has = [p for p in PIECES if hasattr(mod, p)]
+            raise NotImplementedError(f"fused_moe: backend={req.value!r} has no {piece!r} piece (it has "
+                                      f"{', '.join(has) or 'none'}); use backend='auto' or 'reference'")
     desc = f"{piece} on {device_type} ({', '.join(_describe(k, v) for k, v in kw.items())})"
     name, mod, _ = MOE_TABLE.choose(
         device_type, lambda m: hasattr(m, piece) and m.supports(piece, **kw), desc, req)
@@ -61,29 +65,6 @@ def _describe(k, v) -> str:
     return f"{k}={v!r}"
 
 
-def check_tensor(fn: str, name: str, t, *, dtypes=None, dim=None, device=None, allow_none=False) -> None:
-    if t is None and allow_none:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor{' or None' if allow_none else ''}, "
-                        f"got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{fn}: {name}.dtype must be one of {', '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{fn}: {name} must be {dim}-D, got shape {list(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{fn}: {name} must be on the same device as the input ({device}), got {t.device}")
-
-
-def check_int(fn: str, name: str, v, lo: int, hi: Optional[int] = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__} {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{fn}: {name} must be {rng}, got {v}")
-    return v
-
-
 def num_experts_of(w) -> int:
     return w.num_experts if isinstance(w, QuantizedExperts) else int(w.shape[0])
 
@@ -95,6 +76,7 @@ def check_experts(fn: str, hidden_size: int, w_gate_up, w_down, device) -> Tuple
             if not isinstance(w, QuantizedExperts):
                 raise TypeError(f"{fn}: {name} must be a kernswap.formats.QuantizedExperts like the other weight, "
                                 f"got {type(w).__name__}")
+            check_stacked(f"{fn}: {name}", w)  # a QuantizedExperts edited after construction is caught here
             for part in ("packed", "scale", "zero"):
                 check_tensor(fn, f"{name}.{part}", getattr(w, part), device=device, allow_none=True)
         e, n_gu, k_gu = w_gate_up.num_experts, w_gate_up.out_features, w_gate_up.in_features
@@ -120,3 +102,19 @@ def check_experts(fn: str, hidden_size: int, w_gate_up, w_down, device) -> Tuple
         raise ValueError(f"{fn}: w_down must be [num_experts={e}, hidden_size={hidden_size}, intermediate_size="
                          f"{inter}], got [{e_d}, {n_d}, {k_d}]")
     return e, inter
+
+
+def experts_of(fn: str, args: tuple, hidden_size: int, device) -> Tuple[object, object, int, int]:
+    """The experts of a registered op's arguments (kernswap.formats.experts.experts_to_args) as the wrapper's
+    weights, validated by check_experts: (w_gate_up, w_down, num_experts, intermediate_size)."""
+    gu, d, gu_s, gu_z, d_s, d_z, bits, gu_g, d_g, sym, dyn = args
+    if isinstance(bits, bool) or bits not in (0, 4, 8):
+        raise ValueError(f"{fn}: bits must be 0 (float experts), 4 or 8, got {bits!r}")
+    if bits:
+        for name, t in (("gu_scale", gu_s), ("d_scale", d_s)):
+            check_tensor(fn, name, t, dtypes=(torch.float32,), dim=3, device=device)
+        for name, v in (("gu_group", gu_g), ("d_group", d_g)):
+            check_int(fn, name, v, 1)
+    wgu, wd = experts_from_args(args, hidden_size)
+    e, inter = check_experts(fn, hidden_size, wgu, wd, device)
+    return wgu, wd, e, inter

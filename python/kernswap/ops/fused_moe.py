@@ -12,14 +12,61 @@ from typing import Optional, Union
 
 import torch
 
-from ..backend import Backend, normalize_backend
+from ..backend import Backend
 from ..formats.experts import experts_from_args, experts_to_args
 from ..reference.moe import fused_experts_ref, moe_route_ref
-from ._moe_common import FLOAT_DTYPES, check_experts, check_tensor, choose_piece, eager_fast_path
+from ._moe_common import (FLOAT_DTYPES, check_backend, check_experts, check_int, check_tensor, choose_piece,
+                          eager_fast_path, experts_of, require)
+from .moe_align import check_ids
 from .moe_experts import check_hidden
 from .moe_route import check_route_args
 
-__all__ = ["fused_moe"]
+__all__ = ["fused_moe", "check_args", "check_routed"]
+
+OP = "torch.ops.kernswap.fused_moe"
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_routed(fn: str, num_tokens, top_k, topk_weights, topk_ids, device) -> None:
+    """Pre-routed calls (transformers' experts interface): topk_weights (float) and topk_ids (int32/int64), both
+    [num_tokens, top_k] on the input's device. Also FusedExperts' eager fast path's per-call check."""
+    if (type(topk_weights) is torch.Tensor and type(topk_ids) is torch.Tensor and topk_weights.dtype in FLOAT_DTYPES
+            and topk_ids.dtype in _ID_DTYPES and topk_ids.shape == topk_weights.shape == (num_tokens, top_k)
+            and topk_weights.device == device and topk_ids.device == device):
+        return  # plain eager tensors that pass (half the cost of the checks below, which say what is wrong)
+    check_tensor(fn, "topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor(fn, "topk_ids", topk_ids, dtypes=_ID_DTYPES, device=device)
+    require(topk_ids.dim() == 2 and topk_ids.shape[0] == num_tokens and topk_ids.shape[1] == top_k
+            and topk_weights.shape == topk_ids.shape, ValueError,
+            lambda: f"{fn}: topk_weights and topk_ids must both be [num_tokens={num_tokens}, top_k={top_k}], "
+                    f"got {list(topk_weights.shape)} and {list(topk_ids.shape)}")
+
+
+def check_args(fn: str, hidden2d, router_logits, topk_weights, topk_ids, w_gate_up, w_down, top_k, renormalize,
+               scoring, order, correction_bias, backend) -> Backend:
+    """The op's one checking function, on 2-D hidden states: the wrapper (fn "fused_moe", after flattening), the
+    registered op and its fake kernel (fn OP, weights rebuilt from the op's arguments). Expert ids are checked
+    by check_ids (eager calls: it reads them)."""
+    check_hidden(fn, hidden2d)
+    if hidden2d.dim() != 2:
+        raise ValueError(f"{fn}: hidden must be 2-D [num_tokens, hidden_size], got shape {list(hidden2d.shape)}")
+    t, h = hidden2d.shape
+    dev = hidden2d.device
+    e, _ = check_experts(fn, h, w_gate_up, w_down, dev)
+    if router_logits is not None:
+        if topk_weights is not None or topk_ids is not None:
+            raise ValueError(f"{fn}: give either router_logits or (topk_weights, topk_ids), not both")
+        check_tensor(fn, "router_logits", router_logits, dtypes=FLOAT_DTYPES, device=dev)
+        require(router_logits.dim() == 2 and router_logits.shape[0] == t and router_logits.shape[1] == e,
+                ValueError, lambda: f"{fn}: router_logits must be [..., num_experts={e}] with the leading size of "
+                                    f"hidden ({t} tokens), got shape {list(router_logits.shape)}")
+        check_route_args(fn, e, top_k, renormalize, scoring, order, correction_bias, dev)
+    else:
+        if topk_weights is None or topk_ids is None:
+            raise ValueError(f"{fn}: router_logits is None, so topk_weights and topk_ids must both be given")
+        check_int(fn, "top_k", top_k, 1, e)
+        check_routed(fn, t, top_k, topk_weights, topk_ids, dev)
+    return check_backend(fn, backend)
 
 
 def _run(hidden2d, router_logits, topk_weights, topk_ids, w_gate_up, w_down, gu_scale, gu_zero, d_scale, d_zero,
@@ -40,6 +87,17 @@ def _run(hidden2d, router_logits, topk_weights, topk_ids, w_gate_up, w_down, gu_
     return mod.fused_experts(hidden2d, topk_weights, topk_ids, wgu, wd)
 
 
+def _check_op(hidden2d, router_logits, topk_weights, topk_ids, args, top_k, renormalize, scoring, order,
+              correction_bias, backend) -> int:
+    check_hidden(OP, hidden2d)
+    if hidden2d.dim() != 2:
+        raise ValueError(f"{OP}: hidden must be 2-D [num_tokens, hidden_size], got shape {list(hidden2d.shape)}")
+    wgu, wd, e, _ = experts_of(OP, args, hidden2d.shape[1], hidden2d.device)
+    check_args(OP, hidden2d, router_logits, topk_weights, topk_ids, wgu, wd, top_k, renormalize, scoring, order,
+               correction_bias, backend)
+    return e
+
+
 @torch.library.custom_op("kernswap::fused_moe", mutates_args=())
 def _fused_moe_op(hidden2d: torch.Tensor, router_logits: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
                   topk_ids: Optional[torch.Tensor], w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -47,14 +105,30 @@ def _fused_moe_op(hidden2d: torch.Tensor, router_logits: Optional[torch.Tensor],
                   d_zero: Optional[torch.Tensor], bits: int, gu_group: int, d_group: int, symmetric: bool,
                   dynamic_act: bool, top_k: int, renormalize: bool, scoring: str, order: str,
                   correction_bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    return _run(hidden2d, router_logits, topk_weights, topk_ids, w_gate_up, w_down, gu_scale, gu_zero, d_scale,
-                d_zero, bits, gu_group, d_group, symmetric, dynamic_act, top_k, renormalize, scoring, order,
+    args = (w_gate_up, w_down, gu_scale, gu_zero, d_scale, d_zero, bits, gu_group, d_group, symmetric, dynamic_act)
+    e = _check_op(hidden2d, router_logits, topk_weights, topk_ids, args, top_k, renormalize, scoring, order,
+                  correction_bias, backend)
+    if topk_ids is not None:
+        check_ids(OP, topk_ids, e)
+    return _run(hidden2d, router_logits, topk_weights, topk_ids, *args, top_k, renormalize, scoring, order,
                 correction_bias, backend)
 
 
 @_fused_moe_op.register_fake
-def _fused_moe_fake(hidden2d, *args):
+def _fused_moe_fake(hidden2d, router_logits, topk_weights, topk_ids, w_gate_up, w_down, gu_scale, gu_zero, d_scale,
+                    d_zero, bits, gu_group, d_group, symmetric, dynamic_act, top_k, renormalize, scoring, order,
+                    correction_bias, backend):
+    args = (w_gate_up, w_down, gu_scale, gu_zero, d_scale, d_zero, bits, gu_group, d_group, symmetric, dynamic_act)
+    _check_op(hidden2d, router_logits, topk_weights, topk_ids, args, top_k, renormalize, scoring, order,
+              correction_bias, backend)
     return torch.empty_like(hidden2d)
+
+
+def _rows(x, t: int, k: int):
+    """[..., k] routing tensors with t * k elements as [t, k] (anything else as given: check_routed says why)."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1] == k and x.numel() == t * k:
+        return x.reshape(t, k)
+    return x
 
 
 def fused_moe(hidden: torch.Tensor, router_logits: Optional[torch.Tensor], w_gate_up, w_down, top_k: int, *,
@@ -76,33 +150,22 @@ def fused_moe(hidden: torch.Tensor, router_logits: Optional[torch.Tensor], w_gat
     e, _ = check_experts(fn, h, w_gate_up, w_down, hidden.device)
     hidden2d = hidden.reshape(-1, h)
     t = hidden2d.shape[0]
-    if router_logits is not None:
-        if topk_weights is not None or topk_ids is not None:
-            raise ValueError("fused_moe: give either router_logits or (topk_weights, topk_ids), not both")
+    if router_logits is not None:  # [..., E] with hidden's leading size -> [T, E]
         check_tensor(fn, "router_logits", router_logits, dtypes=FLOAT_DTYPES, device=hidden.device)
         if router_logits.shape[-1:] != (e,) or router_logits.numel() != t * e:
-            raise ValueError(f"fused_moe: router_logits must be [..., num_experts={e}] with the leading size of "
+            raise ValueError(f"{fn}: router_logits must be [..., num_experts={e}] with the leading size of "
                              f"hidden ({t} tokens), got shape {list(router_logits.shape)}")
-        check_route_args(fn, e, top_k, renormalize, scoring, order, correction_bias, hidden.device)
         router_logits = router_logits.reshape(t, e)
-    else:
-        if topk_weights is None or topk_ids is None:
-            raise ValueError("fused_moe: router_logits is None, so topk_weights and topk_ids must both be given")
-        check_tensor(fn, "topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=hidden.device)
-        check_tensor(fn, "topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), device=hidden.device)
-        want = (t, top_k)
-        if tuple(topk_ids.reshape(-1, topk_ids.shape[-1]).shape) != want or topk_ids.shape != topk_weights.shape:
-            raise ValueError(f"fused_moe: topk_weights and topk_ids must both be [num_tokens={t}, top_k={top_k}], "
-                             f"got {list(topk_weights.shape)} and {list(topk_ids.shape)}")
-        if topk_ids.numel():
-            lo, hi = int(topk_ids.min()), int(topk_ids.max())
-            if lo < 0 or hi >= e:
-                raise ValueError(f"fused_moe: topk_ids must be in [0, num_experts={e}), got values in [{lo}, {hi}]")
-        topk_weights, topk_ids = topk_weights.reshape(t, top_k), topk_ids.reshape(t, top_k)
-    req = normalize_backend(backend, "fused_moe: backend").value
+    topk_weights, topk_ids = _rows(topk_weights, t, top_k), _rows(topk_ids, t, top_k)
+    req = check_args(fn, hidden2d, router_logits, topk_weights, topk_ids, w_gate_up, w_down, top_k, renormalize,
+                     scoring, order, correction_bias, backend).value
     args = experts_to_args(w_gate_up, w_down)
-    fast = eager_fast_path(hidden2d, router_logits, topk_weights, args[0], args[1], correction_bias)
-    op = _run if fast else torch.ops.kernswap.fused_moe
-    out = op(hidden2d, router_logits, topk_weights, topk_ids, *args, top_k, renormalize, scoring, order,
-             correction_bias, req)
+    if eager_fast_path(hidden2d, router_logits, topk_weights, args[0], args[1], correction_bias):
+        if topk_ids is not None:
+            check_ids(fn, topk_ids, e)
+        out = _run(hidden2d, router_logits, topk_weights, topk_ids, *args, top_k, renormalize, scoring, order,
+                   correction_bias, req)
+    else:
+        out = torch.ops.kernswap.fused_moe(hidden2d, router_logits, topk_weights, topk_ids, *args, top_k,
+                                           renormalize, scoring, order, correction_bias, req)
     return out.reshape(hidden.shape)

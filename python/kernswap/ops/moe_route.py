@@ -8,11 +8,13 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..backend import Backend, normalize_backend
+from ..backend import Backend
 from ..reference.moe import moe_route_ref
-from ._moe_common import FLOAT_DTYPES, check_int, check_tensor, choose_piece, eager_fast_path
+from ._moe_common import FLOAT_DTYPES, check_backend, check_int, check_tensor, choose_piece, eager_fast_path
 
-__all__ = ["moe_route", "SCORINGS", "ORDERS"]
+__all__ = ["moe_route", "SCORINGS", "ORDERS", "check_args", "check_route_args"]
+
+OP = "torch.ops.kernswap.moe_route"
 
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("softmax_topk", "topk_softmax")
@@ -26,28 +28,28 @@ def _run(router_logits, top_k, renormalize, scoring, order, correction_bias, bac
     return mod.route(router_logits, top_k, renormalize, scoring, order, correction_bias)
 
 
-def _check_op_args(router_logits, top_k, renormalize, scoring, order, correction_bias) -> None:
-    """The registered op's own checks (torch.ops.kernswap.moe_route is called by torch.compile, opcheck and users
-    directly): the same rules as the wrapper's, on the op's 2-D logits."""
-    fn = "torch.ops.kernswap.moe_route"
+def check_args(fn, router_logits, top_k, renormalize, scoring, order, correction_bias, backend) -> Backend:
+    """The op's one checking function, on its 2-D logits: the wrapper (fn "moe_route", after flattening), the
+    registered op and its fake kernel (fn OP: torch.compile, opcheck and users call it directly)."""
     check_tensor(fn, "router_logits", router_logits, dtypes=FLOAT_DTYPES, dim=2)
     if router_logits.shape[1] == 0:
         raise ValueError(f"{fn}: router_logits must be [tokens, num_experts > 0], got {list(router_logits.shape)}")
     check_route_args(fn, router_logits.shape[1], top_k, renormalize, scoring, order, correction_bias,
                      router_logits.device)
+    return check_backend(fn, backend)
 
 
 @torch.library.custom_op("kernswap::moe_route", mutates_args=())
 def _moe_route_op(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str, order: str,
                   correction_bias: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_op_args(router_logits, top_k, renormalize, scoring, order, correction_bias)
+    check_args(OP, router_logits, top_k, renormalize, scoring, order, correction_bias, backend)
     w, ids = _run(router_logits, top_k, renormalize, scoring, order, correction_bias, backend)
     return w, ids
 
 
 @_moe_route_op.register_fake
 def _moe_route_fake(router_logits, top_k, renormalize, scoring, order, correction_bias, backend):
-    _check_op_args(router_logits, top_k, renormalize, scoring, order, correction_bias)
+    check_args(OP, router_logits, top_k, renormalize, scoring, order, correction_bias, backend)
     t = router_logits.shape[0]
     return (router_logits.new_empty(t, top_k, dtype=torch.float32),
             router_logits.new_empty(t, top_k, dtype=torch.int32))
@@ -86,10 +88,9 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = Tr
         raise ValueError(f"moe_route: router_logits must be [..., num_experts > 0], got shape "
                          f"{list(router_logits.shape)}")
     e = router_logits.shape[-1]
-    check_route_args(fn, e, top_k, renormalize, scoring, order, correction_bias, router_logits.device)
-    req = normalize_backend(backend, "moe_route: backend").value
     lead = router_logits.shape[:-1]
     logits2d = router_logits.reshape(-1, e)
+    req = check_args(fn, logits2d, top_k, renormalize, scoring, order, correction_bias, backend).value
     op = _run if eager_fast_path(logits2d, correction_bias) else torch.ops.kernswap.moe_route
     w, ids = op(logits2d, top_k, renormalize, scoring, order, correction_bias, req)
     return w.reshape(*lead, top_k), ids.reshape(*lead, top_k)

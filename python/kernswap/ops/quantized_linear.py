@@ -12,14 +12,14 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..backend import Backend, normalize_backend
-from ..formats.base import QuantizedWeight
+from ..backend import Backend
+from ..formats.base import QuantizedWeight, check_format
 from ..reference.quantized_linear import quantized_linear_ref
+from ._checks import FLOAT_DTYPES, check_backend, check_device, require
 from ._dispatch import BackendTable, eager_fast_path
 
-__all__ = ["quantized_linear", "choose_backend", "get_backend_module", "backend_available", "auto_backend"]
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["quantized_linear", "choose_backend", "get_backend_module", "backend_available", "auto_backend",
+           "check_args", "check_weight", "check_bias", "check_x"]
 # Auto choice table: device type -> backends tried in order; the reference is the last resort everywhere.
 AUTO_TABLE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 TABLE = BackendTable(
@@ -53,16 +53,80 @@ def auto_backend(device_type: str, bits: int, group_size: int, dynamic_act: bool
     return name, skipped
 
 
+# ------------------------------------------------------------------------------------------ the checks
+OP = "torch.ops.kernswap.quantized_linear"
+
+
+def check_x(fn: str, x, in_features: int, name: str = "x") -> None:
+    """x: a fp32/bf16/fp16 tensor whose last dim is in_features."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name}.dtype must be one of torch.float32, torch.bfloat16, torch.float16, "
+                        f"got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: {name}.shape[-1] must equal in_features={in_features}, got a 0-d tensor")
+    require(x.shape[-1] == in_features, ValueError,
+            lambda: f"{fn}: {name}.shape[-1] must equal in_features={in_features}, got {x.shape[-1]}")
+
+
+def check_bias(fn: str, bias, out_features: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    require(bias.dim() == 1 and bias.shape[0] == out_features, ValueError,
+            lambda: f"{fn}: bias must have shape [out_features={out_features}], got {list(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"{fn}: bias must be floating point, got {bias.dtype}")
+    check_device(fn, "bias", bias, device, "x")
+
+
+def check_weight(fn: str, packed, scale, zero, bits, group_size, in_features, out_features, dynamic_act,
+                 device: torch.device, symmetric=None, weight: str = "") -> None:
+    """The packed weight (kernswap.formats.check_format: format, sizes, stored shapes and dtypes) on x's device;
+    ``weight`` prefixes the parts' names ("qweight." in the wrapper), symmetric defaults to what zero implies."""
+    if symmetric is None:
+        symmetric = zero is None or bits != 4
+    check_format(f"{fn}: {weight[:-1] + ': ' if weight else ''}", f"{fn}: {weight}", packed, scale, zero, bits,
+                 group_size, symmetric, in_features, out_features)
+    if not isinstance(dynamic_act, bool):
+        raise TypeError(f"{fn}: {weight}dynamic_activations must be a bool, got {dynamic_act!r}")
+    for name, t in (("packed", packed), ("scale", scale), ("zero", zero)):
+        check_device(fn, weight + name, t, device, "x")
+
+
+def check_args(fn: str, x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act,
+               backend, symmetric=None, weight: str = "") -> Backend:
+    """The op's one checking function: every shape, dtype, device and size relation the kernels rely on, for the
+    wrapper (fn "quantized_linear"), the registered op and its fake kernel (fn OP) and the module fast path
+    (QuantLinear, when it prepares a runner). Returns the backend."""
+    check_x(fn, x2d, in_features, "x" if fn == "quantized_linear" else "x2d")
+    if x2d.dim() != 2:
+        raise ValueError(f"{fn}: x2d must be 2-D [rows, in_features], got shape {list(x2d.shape)}")
+    check_weight(fn, packed, scale, zero, bits, group_size, in_features, out_features, dynamic_act, x2d.device,
+                 symmetric, weight)
+    check_bias(fn, bias, out_features, x2d.device)
+    return check_backend(fn, backend)
+
+
 # ------------------------------------------------------------------------------------------ the op
 @torch.library.custom_op("kernswap::quantized_linear", mutates_args=())
 def _quantized_linear_op(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
                          out_features: int, dynamic_act: bool, backend: str) -> torch.Tensor:
     """Default implementation (devices without a kernel of their own): the reference, unless forced."""
+    return _checked_run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act,
+                        backend)
+
+
+def _checked_run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend):
+    check_args(OP, x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend)
     return _run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend)
 
 
 def _run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend):
+    """The kernel choice and call, on checked arguments."""
     args = (x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act)
     _, mod, _ = choose_backend(x2d, bits, group_size, dynamic_act, backend)
     if mod is None:
@@ -75,6 +139,7 @@ def _run(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_feat
 @_quantized_linear_op.register_fake
 def _quantized_linear_fake(x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features,
                            dynamic_act, backend):
+    check_args(OP, x2d, packed, scale, zero, bias, bits, group_size, in_features, out_features, dynamic_act, backend)
     return x2d.new_empty(x2d.shape[0], out_features)
 
 
@@ -101,16 +166,11 @@ def _backward(ctx, grad):
 _quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 # Per-device kernels: the choice table above (AUTO_TABLE) decides, with the reference as the fallback.
-_quantized_linear_op.register_kernel("cpu")(_run)
-_quantized_linear_op.register_kernel("cuda")(_run)
+_quantized_linear_op.register_kernel("cpu")(_checked_run)
+_quantized_linear_op.register_kernel("cuda")(_checked_run)
 
 
 # ------------------------------------------------------------------------------------------ public API
-def _check_tensor_device(name: str, t: Optional[torch.Tensor], device: torch.device) -> None:
-    if t is not None and t.device != device:
-        raise ValueError(f"quantized_linear: {name} must be on the same device as x ({device}), got {t.device}")
-
-
 def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None, *,
                      backend: Optional[Union[str, Backend]] = None) -> torch.Tensor:
     """y = x @ W^T + bias with a packed quantized weight W [N, K].
@@ -118,34 +178,21 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[t
     x: (..., K) fp32/bf16/fp16 (a non-contiguous x is copied to a contiguous one); returns (..., N) in x.dtype.
     With ``qweight.dynamic_activations`` the rows of x are quantized to int8 on the fly (W8A8 / W4A8).
     backend: None/"auto" (fastest available) | "cpu" | "cuda" | "triton" | "reference".
+    A QuantizedWeight edited after construction is checked again here (check_args, every call).
     """
+    fn = "quantized_linear"
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"quantized_linear: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"quantized_linear: qweight must be a kernswap.formats.QuantizedWeight, "
-                        f"got {type(qweight).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"quantized_linear: x.dtype must be one of torch.float32, torch.bfloat16, torch.float16, "
-                        f"got {x.dtype}")
+        raise TypeError(f"{fn}: qweight must be a kernswap.formats.QuantizedWeight, got {type(qweight).__name__}")
     k, n = qweight.in_features, qweight.out_features
-    if x.dim() == 0 or x.shape[-1] != k:
-        got = "a 0-d tensor" if x.dim() == 0 else x.shape[-1]
-        raise ValueError(f"quantized_linear: x.shape[-1] must equal in_features={k}, got {got}")
-    for name in ("packed", "scale", "zero"):
-        _check_tensor_device(f"qweight.{name}", getattr(qweight, name), x.device)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"quantized_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"quantized_linear: bias must have shape [out_features={n}], got {list(bias.shape)}")
-        if not bias.is_floating_point():
-            raise TypeError(f"quantized_linear: bias must be floating point, got {bias.dtype}")
-        _check_tensor_device("bias", bias, x.device)
-    req = normalize_backend(backend, "quantized_linear: backend")
+    if x.dim() == 0 or x.shape[-1] != k:  # (check_args checks the rest, on x2d)
+        check_x(fn, x, k)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k).contiguous()
+    req = check_args(fn, x2d, qweight.packed, qweight.scale, qweight.zero, bias, qweight.bits, qweight.group_size,
+                     k, n, qweight.dynamic_activations, backend, qweight.symmetric, "qweight.")
     op = _run if eager_fast_path(x2d, bias) else torch.ops.kernswap.quantized_linear
-    y = op(
-        x2d, qweight.packed, qweight.scale, qweight.zero, bias, qweight.bits, qweight.group_size, k, n,
-        qweight.dynamic_activations, req.value)
+    y = op(x2d, qweight.packed, qweight.scale, qweight.zero, bias, qweight.bits, qweight.group_size, k, n,
+           qweight.dynamic_activations, req.value)
     return y.reshape(*lead, n)

@@ -97,7 +97,7 @@ def moe_experts_ref(hidden: torch.Tensor, sorted_pair_ids: torch.Tensor, expert_
 
 def moe_combine_ref(pair_out: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     t, k = topk_weights.shape
-    rows = pair_out.to(torch.float32).view(t, k, -1)
+    rows = pair_out.to(torch.float32).view(t, k, pair_out.shape[1])  # (-1 is ambiguous for 0 tokens)
     return (rows * topk_weights.to(torch.float32)[..., None]).sum(dim=1).to(pair_out.dtype)
 
 
