@@ -16,6 +16,9 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
+from ..formats import QuantizedWeight
+from ..formats.base import TILE_N
+from ..ops.quantized_linear import quantized_linear
 from .quant_linear import QuantLinear
 
 __all__ = ["QuantLinearSlice", "fuse_linears", "shared_output", "slices_for"]
@@ -79,7 +82,20 @@ class QuantLinearSlice(nn.Module):
         return self.fused.config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _reusable(x) and self.start % TILE_N == 0 and self.stop % TILE_N == 0:
+            return self._own_rows(x)
         return shared_output(self.fused, x, id(self))[..., self.start:self.stop]
+
+    def _own_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This slice's rows through the op: views of the fused buffers (tile-aligned rows)."""
+        f, a, b = self.fused, self.start, self.stop
+        qw = f.qweight
+        w = QuantizedWeight(packed=qw.packed[a // TILE_N:b // TILE_N], scale=qw.scale[:, a:b],
+                            zero=None if qw.zero is None else qw.zero[:, a:b], bits=qw.bits, group_size=qw.group_size,
+                            symmetric=qw.symmetric, in_features=qw.in_features, out_features=b - a,
+                            dynamic_activations=qw.dynamic_activations)
+        bias = None if f.bias is None else f.bias[a:b]
+        return quantized_linear(x, w, bias, backend=f.config.backend)
 
     def dequantize_weight(self) -> torch.Tensor:
         """fp32 [out_features, in_features]: this slice's rows of the fused weight."""

@@ -25,6 +25,7 @@ class BackendTable:
         self.modules = dict(modules)
         self.auto = {k: tuple(v) for k, v in auto.items()}
         self._cache: Dict[tuple, Tuple[bool, str]] = {}
+        self._choices: Dict[tuple, Tuple[str, Optional[ModuleType], List[str]]] = {}
 
     def names(self) -> Tuple[str, ...]:
         """Every backend a call of this op can ask for: auto, the reference and the op's backend modules."""
@@ -64,10 +65,15 @@ class BackendTable:
         except Exception as e:  # noqa: BLE001
             return None, f"{path} failed to import ({type(e).__name__}: {e})"
 
+    @staticmethod
+    def _state() -> tuple:
+        """What availability depends on: the compiled modules and the test overrides."""
+        return (os.environ.get("TRITON_INTERPRET"), os.environ.get("KERNSWAP_NO_EXT"), id(_ext.get_C()),
+                id(_ext.get_C_cuda()))
+
     def available(self, name: str) -> Tuple[bool, str]:
         """(available, reason), cached per state of what it depends on (compiled modules, test overrides)."""
-        key = (name, os.environ.get("TRITON_INTERPRET"), os.environ.get("KERNSWAP_NO_EXT"), id(_ext.get_C()),
-               id(_ext.get_C_cuda()))
+        key = (name,) + self._state()
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._available(name)
@@ -88,12 +94,27 @@ class BackendTable:
             return False, f"{name}.available() raised {type(e).__name__}: {e}"
         return bool(ok), str(reason)
 
-    def choose(self, device_type: str, supports: Callable[[ModuleType], bool], desc: str,
-               requested: Union[str, Backend] = Backend.AUTO) -> Tuple[str, Optional[ModuleType], List[str]]:
+    def choose(self, device_type: str, supports: Callable[[ModuleType], bool], desc: Union[str, Callable[[], str]],
+               requested: Union[str, Backend] = Backend.AUTO, memo: Optional[tuple] = None
+               ) -> Tuple[str, Optional[ModuleType], List[str]]:
         """(backend name, module or None for the reference, reasons why earlier candidates were skipped).
 
         A forced backend that is unavailable raises RuntimeError with its reason; one that cannot run these
-        inputs raises NotImplementedError."""
+        inputs raises NotImplementedError. ``memo``: everything ``supports`` reads of the inputs; a choice made
+        once for it (and the same availability state) is reused, so a call costs a dict look-up. ``desc`` (a string,
+        or a function making it) describes the inputs in the messages."""
+        key = None
+        if memo is not None:
+            key = (device_type, memo, requested) + self._state()
+            hit = self._choices.get(key)
+            if hit is not None:
+                return hit
+        out = self._choose(device_type, supports, desc if isinstance(desc, str) else desc(), requested)
+        if key is not None:
+            self._choices[key] = out
+        return out
+
+    def _choose(self, device_type, supports, desc, requested):
         req = normalize_backend(requested)
         if req is Backend.REFERENCE:
             return "reference", None, []

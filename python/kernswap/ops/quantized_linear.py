@@ -33,10 +33,17 @@ backend_available = TABLE.available
 def choose_backend(x2d: torch.Tensor, bits: int, group_size: int, dynamic_act: bool,
                    requested: Union[str, Backend] = Backend.AUTO):
     """(backend name, module or None for the reference, reasons why earlier candidates were skipped)."""
-    desc = (f"x of shape {list(x2d.shape)}, dtype {x2d.dtype}, device {x2d.device.type}, bits={bits}, "
-            f"group_size={group_size}, dynamic_act={dynamic_act}")
+    # what the backends' supports() read of the inputs (the GPU ones also read the row count and K): the choice is
+    # made once per combination
+    memo = (x2d.dtype, x2d.dim(), bits, group_size, dynamic_act,
+            tuple(x2d.shape) if x2d.device.type != "cpu" else None)
+
+    def desc() -> str:
+        return (f"x of {x2d.dim()} dims, dtype {x2d.dtype}, device {x2d.device.type}, bits={bits}, "
+                f"group_size={group_size}, dynamic_act={dynamic_act}")
+
     return TABLE.choose(x2d.device.type, lambda mod: mod.supports(x2d, bits, group_size, dynamic_act), desc,
-                        requested)
+                        requested, memo)
 
 
 def auto_backend(device_type: str, bits: int, group_size: int, dynamic_act: bool, m: int = 1, k: int = 256,
