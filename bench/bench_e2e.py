@@ -44,6 +44,11 @@ VARIANTS: Dict[str, Any] = {
 }
 # bf16 is a speed baseline only; every other variant and peer also gets perplexity and KL
 NO_QUALITY = ("bf16",)
+# quality only in the default grid (their speed is that of the int4 / w8a8 rows' kernels), timed with --full
+QUALITY_ONLY_DEFAULT = ("w4a8", "int4-g32-asym")
+# peers measured with --full only: torchao's int4 CPU path takes ~40 s per 512-token forward here
+FULL_ONLY = ("torchao-int4-hqq",)
+SLOW_ROUND_S = 10.0  # a model whose first timed round takes longer is not timed again (its one round counts)
 # decode with 4 and 16 prompts at once (generate on a batch): the formats where batching changes the picture
 BATCH_VARIANTS = ("fp32", "int8+head", "w8a8+head", "int4+head", "torchao-int8dyn")
 
@@ -53,12 +58,12 @@ def _settings(quick: bool, full: bool = False) -> Dict[str, Any]:
     minutes on a 2-core machine); --full: the 8,192 tokens and 128 new tokens of the committed results."""
     if quick:
         return dict(tokens=128, window=128, prefill=128, prompt=16, new_tokens=8, repeats=1, batches=(4,),
-                    batch_tokens=4)
+                    batch_tokens=4, full=False)
     if full:
         return dict(tokens=8192, window=512, prefill=512, prompt=32, new_tokens=128, repeats=3, batches=(4, 16),
-                    batch_tokens=64)
+                    batch_tokens=64, full=True)
     return dict(tokens=2048, window=512, prefill=512, prompt=32, new_tokens=64, repeats=3, batches=(4, 16),
-                batch_tokens=32)
+                batch_tokens=32, full=False)
 
 
 def _patch_kwargs(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -93,7 +98,8 @@ def build_variants(base, ctx: H.Context, s: Dict[str, Any]) -> Tuple[Dict[str, A
         models[name] = P.TorchLM(m, module_memory(m))
         info[name] = {"peer": None, "swapped": rep.num_swapped if rep else 0,
                       "skipped_linear": sum(1 for _, r in rep.skipped if "divisible" in r) if rep else 0}
-    ao, ao_why = P.torchao_models(base, module_memory)
+    skip = () if s.get("full") else FULL_ONLY
+    ao, ao_why = P.torchao_models(base, module_memory, skip=skip)
     cpp, cpp_why = P.llama_cpp_models(str(smollm2_gguf_path()), ctx.threads, n_ctx=max(1024, s["prefill"]))
     for name, lm in list(ao.items()) + list(cpp.items()):
         models[name] = lm
@@ -137,10 +143,14 @@ def speed(models: Dict[str, Any], ids: torch.Tensor, s: Dict[str, Any]) -> Dict[
     for lm in models.values():  # warm-up
         lm.prefill(x[:, :16])
         lm.generate(prompt, 2)
-    times: Dict[str, Dict[str, List[float]]] = {name: {} for name in models}
+    timed = [name for name in models if s.get("full", True) or name not in QUALITY_ONLY_DEFAULT]
+    times: Dict[str, Dict[str, List[float]]] = {name: {} for name in timed}
+    slow = set()
     for _ in range(s["repeats"]):
-        for name, lm in models.items():
-            t = times[name]
+        for name in timed:
+            if name in slow:
+                continue
+            lm, t, t_round = models[name], times[name], time.perf_counter()
             t0 = time.perf_counter()
             lm.prefill(x)
             t.setdefault("prefill_s", []).append(time.perf_counter() - t0)
@@ -148,13 +158,13 @@ def speed(models: Dict[str, Any], ids: torch.Tensor, s: Dict[str, Any]) -> Dict[
             out = lm.generate(prompt, n)
             t.setdefault("decode_tps", []).append(n / (time.perf_counter() - t0))
             assert out.shape[1] == n, out.shape
-            if name not in BATCH_VARIANTS:
-                continue
-            for b, p in batched.items():
+            for b, p in batched.items() if name in BATCH_VARIANTS else ():
                 t0 = time.perf_counter()
                 out = lm.generate(p, s["batch_tokens"])
                 t.setdefault(f"decode_tps_b{b}", []).append(b * s["batch_tokens"] / (time.perf_counter() - t0))
                 assert out.shape == (b, s["batch_tokens"]), out.shape
+            if time.perf_counter() - t_round > SLOW_ROUND_S:
+                slow.add(name)
     return {name: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for name, t in times.items()}
 
 
@@ -188,6 +198,7 @@ def run(ctx: H.Context) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
         if sp and bw and "weight_mib_per_token" in row:  # share of the DRAM floor: weight bytes / bandwidth
             row["roofline_share"] = (row["weight_mib_per_token"] * 2**20 / (bw * 1e9)) * sp["decode_tps"]
         rows.append(row)
+    del models  # every model copy and peer context (a few GB) before the next suite runs
     fp = rows[0]
     for r in rows:
         if "ppl" in r:
@@ -250,8 +261,8 @@ def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: 
                 lines.append((r["variant"], "not measured: " + r["why"][:60]) + ("",) * (len(head) - 2))
                 continue
             lines.append((r["variant"], _f(r.get("ppl"), ".3f"), _f(r.get("dppl_pct"), "+.2f", "%"),
-                          _f(r.get("kl"), ".5f"), _f(r["prefill_s"], ".3f"), _f(r["prefill_speedup"], ".2f", "x"),
-                          _f(r["decode_tps"], ".1f"), _f(r["decode_speedup"], ".2f", "x"),
+                          _f(r.get("kl"), ".5f"), _f(r.get("prefill_s"), ".3f"), _f(r.get("prefill_speedup"), ".2f", "x"),
+                          _f(r.get("decode_tps"), ".1f"), _f(r.get("decode_speedup"), ".2f", "x"),
                           _f(r.get("decode_tps_b4"), ".1f"), _f(r.get("decode_tps_b16"), ".1f"),
                           _f(r.get("roofline_share"), ".0%"), _f(r["param_mib"], ".0f"),
                           _f(r["weight_mib_per_token"], ".0f"), str(r["swapped"])))

@@ -57,10 +57,10 @@ class TorchLM:
 TORCHAO_CONFIGS = ("torchao-int8wo", "torchao-int8dyn", "torchao-int4-hqq")
 
 
-def torchao_models(base, module_memory: Callable) -> Tuple[Dict[str, TorchLM], Dict[str, str]]:
+def torchao_models(base, module_memory: Callable, skip=()) -> Tuple[Dict[str, TorchLM], Dict[str, str]]:
     """torchao 0.18's CPU configs on copies of ``base``: int8 weight-only, int8 dynamic activations + int8
     weights, int4 weight-only (group 64, HQQ qparams; SmolLM2's 576-wide layers have no 128-groups). Returns
-    (name -> model, name -> why it could not be built)."""
+    (name -> model, name -> why it could not be built); ``skip``: configs left out of this run."""
     out: Dict[str, TorchLM] = {}
     why: Dict[str, str] = {}
     try:
@@ -76,6 +76,9 @@ def torchao_models(base, module_memory: Callable) -> Tuple[Dict[str, TorchLM], D
     makers = {"torchao-int8wo": Int8WeightOnlyConfig, "torchao-int8dyn": Int8DynamicActivationInt8WeightConfig,
               "torchao-int4-hqq": int4_hqq}
     for name, make in makers.items():
+        if name in skip:
+            why[name] = "measured with --full only (slow on the CPU)"
+            continue
         try:
             m = copy.deepcopy(base)
             quantize_(m, make())

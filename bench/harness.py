@@ -34,6 +34,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_L3_BYTES = 260 * 2**20  # the machine of issue 2; detected from sysfs when possible
+COLD_IMPLS = 16  # implementations of one case alive at once in the round robin (the quantized-linear suite's ~14)
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -47,7 +48,9 @@ class Context:
     repeats: int = 50           # most samples per row
     min_repeats: int = 5        # fewest samples per row (1 when a single call takes > slow_call)
     slow_call: float = 2.0
-    cold_factor: float = 2.0    # cold footprint >= cold_factor x L3
+    cold_factor: float = 2.0    # cold footprint >= cold_factor x L3 ...
+    cold_ram_share: float = 0.4  # ... unless every impl of a case (up to COLD_IMPLS) would then need more than this
+                                 # share of the available RAM: then >= max(1.05 x L3, the share / COLD_IMPLS)
     l3_bytes: int = DEFAULT_L3_BYTES
     bandwidth_bytes: int = 2**30
     bandwidth: Optional[Dict[str, Any]] = None  # filled by measure_bandwidth
@@ -190,9 +193,31 @@ def make_context(threads: int = 2, quick: bool = False, full: bool = False, **kw
         "full": full,
         "forced_isa": ctx.forced_isa,
         "torch_isa_env": ctx.torch_isa_env,
-        "cold_bytes_min": int(ctx.cold_factor * ctx.l3_bytes),
+        "cold_bytes_min": int(cold_bytes(ctx)),
     }
     return ctx
+
+
+def _available_ram() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cold_bytes(ctx: Context) -> float:
+    """The weight bytes one implementation rotates through in a cold case: cold_factor x L3, less where the round
+    robin's COLD_IMPLS sets would not fit in cold_ram_share of the RAM (a 480 MiB L3 asks ~1 GB per impl), never
+    less than 1.05 x L3 (a cyclic rotation through more than the cache misses it on every call)."""
+    want = ctx.cold_factor * ctx.l3_bytes
+    ram = _available_ram()
+    if ram is None:
+        return want
+    return max(1.05 * ctx.l3_bytes, min(want, ctx.cold_ram_share * ram / COLD_IMPLS))
 
 
 def _loadavg() -> Optional[List[float]]:
@@ -434,7 +459,7 @@ def _prepare_impl(ctx: Context, op: str, impl: Impl, cases: Sequence[Case]) -> _
 
 
 def _cold_copies(ctx: Context, impl: Impl, state: Any, wbytes: Optional[int]) -> List[Any]:
-    need = ctx.cold_factor * ctx.l3_bytes
+    need = cold_bytes(ctx)
     n = max(2, math.ceil(need / max(wbytes or 1, 1)) + 1)
     return [state] + [impl.clone(state) for _ in range(n - 1)]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import glob
 import importlib
 import os
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
             path = os.path.join(out_dir, f"{n}-{machine}.json")
             H.write_json(path, ctx, rows, tgts, n, elapsed)
             print(f"[{n}] wrote {os.path.relpath(path)}")
+        gc.collect()  # a suite's models and weight copies (reference cycles included) go before the next suite's
     print(f"total {time.perf_counter() - t_all:.0f} s")
     return 1 if failed else 0
 
