@@ -187,3 +187,38 @@ def test_unpatch_after_decode_leaves_no_key_pool(spy):
     kernswap.unpatch(model)
     left = [n for n, m in model.named_modules() if sa.POOL_ATTR in m.__dict__ or sa.MODULE_ATTR in m.__dict__]
     assert not left, left
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_amx_cpu_leaves_dense_enough_half_attention_to_sdpa(spy, monkeypatch, amx):
+    """Where torch's SDPA runs bf16/fp16 on AMX (faster than kernswap's kernel from density 0.25), `auto` runs dense
+    SDPA for those dtypes at such densities: the block-sparse op is not called and the output is the dense one.
+    fp32, lower densities, CPUs without AMX and a forced backend still take kernswap's kernel."""
+    monkeypatch.setattr(sa, "torch_sdpa_uses_amx", lambda: amx)
+    ids = torch.randint(3, 256, (1, 96))
+    model = _model(dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = kernswap.patch(model, attention=SPARSE, progress=False)  # density 0.3
+        out = model(ids).logits
+    assert bool(spy) is not amx
+    assert any("AMX" in n for n in report.notes) is amx
+    if amx:
+        torch.testing.assert_close(out, ref)
+    kernswap.unpatch(model)
+    spy.clear()
+    with torch.no_grad():
+        kernswap.patch(model, attention=SparseAttentionConfig(**{**SPARSE.__dict__, "density": 0.1}), progress=False)
+        model(ids)
+        assert spy  # sparse enough: kernswap's kernel
+        kernswap.unpatch(model)
+        spy.clear()
+        kernswap.patch(model, attention=SparseAttentionConfig(**{**SPARSE.__dict__, "backend": "cpu"}), progress=False)
+        model(ids)
+        assert spy  # forced
+        kernswap.unpatch(model)
+        spy.clear()
+        fp32 = _model()
+        kernswap.patch(fp32, attention=SPARSE, progress=False)
+        fp32(ids)
+        assert spy  # fp32 has no AMX path in torch

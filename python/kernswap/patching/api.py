@@ -216,9 +216,14 @@ def _tier_notes(request: Dict[str, Any]) -> List[str]:
     attn = request.get("attention")
     tier = _ext.op_isa("block_sparse_attention")
     if attn is not None and tier is not None and attn.backend.value in ("auto", "cpu"):
+        from ..nn.sparse_attention import AMX_DENSE_FROM, AMX_REASON, torch_sdpa_uses_amx
+
+        auto = attn.backend.value == "auto"
         notes.append(f"block-sparse attention runs kernswap's {tier} CPU kernels" + (
             "; on this CPU (scalar tier) auto leaves CPU attention to torch's SDPA, which is faster"
-            if tier == "scalar" and attn.backend.value == "auto" else ""))
+            if tier == "scalar" and auto else ""))
+        if auto and tier != "scalar" and attn.density >= AMX_DENSE_FROM and torch_sdpa_uses_amx():
+            notes.append(f"bf16/fp16 attention runs dense SDPA: {AMX_REASON}")
     moe = request.get("moe")
     tier = _ext.op_isa("moe_swiglu")
     if moe is not None and tier is not None:
