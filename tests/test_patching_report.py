@@ -181,3 +181,21 @@ def test_report_names_attention_and_moe_tiers():
         report.notes
     assert any(n.startswith(f"fused MoE experts run kernswap's {_ext.op_isa('moe_swiglu')} CPU kernels")
                for n in report.notes), report.notes
+
+
+def test_report_says_when_auto_runs_the_reference(monkeypatch):
+    """Without the compiled CPU module, `auto` runs the reference on the CPU: the report says so (never silently)."""
+    from kernswap import _ext
+
+    monkeypatch.setenv("KERNSWAP_NO_EXT", "1")
+    _ext.reload()
+    try:
+        assert not _ext.have_cpu_ext()
+        report = kernswap.patch(tiny_model("llama"), quant="int8", progress=False)
+        assert any("pure-PyTorch reference" in n and "KERNSWAP_NO_EXT" in n for n in report.notes), report.notes
+    finally:
+        monkeypatch.delenv("KERNSWAP_NO_EXT")
+        _ext.reload()
+    if _ext.have_cpu_ext():
+        report = kernswap.patch(tiny_model("llama"), quant="int8", progress=False)
+        assert not any("pure-PyTorch reference" in n for n in report.notes)

@@ -213,6 +213,11 @@ def _tier_notes(request: Dict[str, Any]) -> List[str]:
     if cfg is not None and cfg.backend.value in ("auto", "cpu"):
         note = tier_note(cfg.weight_bits, cfg.dynamic_activations)
         notes += [note] if note else []
+    wants_cpu = [r for r in (cfg, request.get("attention"), request.get("moe"), request.get("lm_head"))
+                 if r is not None and getattr(r, "backend", None) is not None and r.backend.value == "auto"]
+    if wants_cpu and not _ext.have_cpu_ext():  # auto falls back to the pure-PyTorch reference on the CPU: say so
+        notes.append(f"kernswap's compiled CPU module is not available ({_ext.cpu_ext_reason()}): on the CPU, auto "
+                     f"runs the pure-PyTorch reference of each op, slower than the unpatched model")
     attn = request.get("attention")
     tier = _ext.op_isa("block_sparse_attention")
     if attn is not None and tier is not None and attn.backend.value in ("auto", "cpu"):
