@@ -17,6 +17,7 @@ __all__ = ["search_symmetric", "search_asymmetric", "check_method", "METHODS"]
 
 METHODS = ("rtn", "mse")
 _CHUNK = 1 << 22  # weights per chunk (x candidates x 4 B of temporaries)
+REFINE_ROUNDS = 3  # re-round / refit steps after the candidate search
 
 
 def _chunks(n_groups: int, group: int, candidates: int):
@@ -46,8 +47,24 @@ def search_symmetric(wg: torch.Tensor, qmin: int, qmax: int, steps: int = 16) ->
         i = (wq * wq / qq).argmax(dim=1, keepdim=True)
         best_s[a:b] = (wq.gather(1, i) / qq.gather(1, i)).squeeze(1)
         best_q[a:b] = q.gather(1, i[..., None].expand(-1, 1, w.shape[1])).squeeze(1)
+    best_s, best_q = _refine(wg, best_s, best_q, qmin, qmax)
     zero = amax == 0
     return torch.where(zero, torch.zeros_like(best_s), best_s), torch.where(zero[:, None], 0.0, best_q)
+
+
+def _refine(wg: torch.Tensor, s: torch.Tensor, q: torch.Tensor, qmin: int, qmax: int, rounds: int = REFINE_ROUNDS):
+    """Alternate re-rounding the codes with the current scale and refitting the scale to them (Lloyd-style), per
+    group; a step is kept only where it lowers the group's squared error, so the error never goes up."""
+    err = ((wg - q * s[:, None]) ** 2).sum(1)
+    for _ in range(rounds):
+        safe = torch.where(s != 0, s, torch.ones_like(s))
+        q2 = torch.clamp(torch.round(wg / safe[:, None]), qmin, qmax)
+        qq = (q2 * q2).sum(1)
+        s2 = torch.where(qq > 0, (wg * q2).sum(1) / qq.clamp_min(1e-30), s)
+        err2 = ((wg - q2 * s2[:, None]) ** 2).sum(1)
+        better = err2 < err
+        s, q, err = torch.where(better, s2, s), torch.where(better[:, None], q2, q), torch.where(better, err2, err)
+    return s, q
 
 
 def search_asymmetric(wg: torch.Tensor, levels: int = 15, steps: int = 16
