@@ -207,8 +207,10 @@ CASES = [
                                     sorted_ptr=lambda kw, keep: _set(keep[1], 3, 8)), "sorted_pair_ids[3] must be in"),
     ("experts offsets past end", _call("moe_experts", _experts_kw,
                                        offsets_ptr=lambda kw, keep: _set(keep[2], 3, 50)), "sorted_numel must be >= 50"),
+    # offsets [0, total, 0, total]: decreasing whatever the random routing gave each expert, and all in range
     ("experts offsets decrease", _call("moe_experts", _experts_kw,
-                                       offsets_ptr=lambda kw, keep: _set(keep[2], 1, 7)), "must not decrease"),
+                                       offsets_ptr=lambda kw, keep: (_set(keep[2], 1, int(keep[2][3])),
+                                                                     _set(keep[2], 2, 0))[-1]), "must not decrease"),
     ("experts offsets start", _call("moe_experts", _experts_kw,
                                     offsets_ptr=lambda kw, keep: _set(keep[2], 0, 1)), "expert_offsets[0] must be 0"),
     ("experts short offsets", _call("moe_experts", _experts_kw, offsets_numel=3), "offsets_numel must be >= 4"),

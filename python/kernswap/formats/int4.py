@@ -5,7 +5,7 @@ from .base import TILE_N, QuantizedWeight, padded_n
 from .int8 import _check_weight
 from .scale_search import check_method, search_asymmetric, search_symmetric
 
-__all__ = ["quantize_int4", "pack_int4", "unpack_int4"]
+__all__ = ["quantize_int4", "pack_int4", "unpack_int4", "int4_from_codes"]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,22 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
         q = torch.clamp(torch.round(wg / safe[..., None]) + z[..., None], 0, 15)
         zero_p = torch.zeros(ng, padded_n(n), dtype=torch.uint8, device=w.device)
         zero_p[:, :n] = z.t().to(torch.uint8)
-    scale_p = torch.zeros(ng, padded_n(n), dtype=torch.float32, device=w.device)
+    return int4_from_codes(q.reshape(n, k), scale, None if zero_p is None else zero_p[:, :n].t(), group_size,
+                           dynamic_activations)
+
+
+def int4_from_codes(q: torch.Tensor, scale: torch.Tensor, zero, group_size: int,
+                    dynamic_activations: bool = False) -> QuantizedWeight:
+    """The packed weight for codes q [N, K] in 0..15 (symmetric: signed code + 8), scale [N, K // group] and, for the
+    asymmetric form, integer zero-points zero [N, K // group] (None: symmetric)."""
+    n, k = q.shape
+    ng = k // group_size
+    zero_p = None
+    if zero is not None:
+        zero_p = torch.zeros(ng, padded_n(n), dtype=torch.uint8, device=q.device)
+        zero_p[:, :n] = zero.t().to(torch.uint8)
+    scale_p = torch.zeros(ng, padded_n(n), dtype=torch.float32, device=q.device)
     scale_p[:, :n] = scale.t()
-    return QuantizedWeight(packed=pack_int4(q.reshape(n, k)), scale=scale_p, zero=zero_p, bits=4,
-                           group_size=group_size, symmetric=symmetric, in_features=k, out_features=n,
+    return QuantizedWeight(packed=pack_int4(q), scale=scale_p, zero=zero_p, bits=4, group_size=group_size,
+                           symmetric=zero is None, in_features=k, out_features=n,
                            dynamic_activations=dynamic_activations)

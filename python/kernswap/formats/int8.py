@@ -4,7 +4,7 @@ import torch
 from .base import TILE_N, QuantizedWeight, padded_n
 from .scale_search import check_method, search_symmetric
 
-__all__ = ["quantize_int8", "pack_int8", "unpack_int8"]
+__all__ = ["quantize_int8", "pack_int8", "unpack_int8", "int8_from_codes"]
 
 
 def _check_weight(w: torch.Tensor, fn: str) -> None:
@@ -50,7 +50,13 @@ def quantize_int8(w: torch.Tensor, dynamic_activations: bool = False, method: st
         safe = torch.where(nz, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(wf / safe[:, None]), -127, 127)
         q = torch.where(nz[:, None], q, torch.zeros_like(q))
-    scale_p = torch.zeros(1, padded_n(n), dtype=torch.float32, device=w.device)
-    scale_p[0, :n] = scale
+    return int8_from_codes(q, scale, dynamic_activations)
+
+
+def int8_from_codes(q: torch.Tensor, scale: torch.Tensor, dynamic_activations: bool = False) -> QuantizedWeight:
+    """The packed weight for codes q [N, K] in -127..127 and per-row scales scale [N]."""
+    n, k = q.shape
+    scale_p = torch.zeros(1, padded_n(n), dtype=torch.float32, device=q.device)
+    scale_p[0, :n] = scale.reshape(-1)
     return QuantizedWeight(packed=pack_int8(q), scale=scale_p, zero=None, bits=8, group_size=k, symmetric=True,
                            in_features=k, out_features=n, dynamic_activations=dynamic_activations)

@@ -15,7 +15,8 @@ import torch
 
 __all__ = ["search_symmetric", "search_asymmetric", "check_method", "METHODS"]
 
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "gptq")
+CALIBRATED = ("gptq",)  # methods that need calibration inputs (kernswap.calibration)
 _CHUNK = 1 << 22  # weights per chunk (x candidates x 4 B of temporaries)
 REFINE_ROUNDS = 3  # re-round / refit steps after the candidate search
 
@@ -92,6 +93,8 @@ def search_asymmetric(wg: torch.Tensor, levels: int = 15, steps: int = 16
 
 
 def check_method(method: Optional[str], where: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"{where}: method must be one of {list(METHODS)}, got {method!r}")
+    """For the calibration-free quantizers (quantize_int8 / quantize_int4)."""
+    if method not in ("rtn", "mse"):
+        raise ValueError(f"{where}: method must be 'rtn' or 'mse' (calibrated methods go through "
+                         f"kernswap.formats.quantize with a Hessian), got {method!r}")
     return method

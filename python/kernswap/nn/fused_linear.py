@@ -24,9 +24,9 @@ from .quant_linear import QuantLinear
 __all__ = ["QuantLinearSlice", "fuse_linears", "shared_output", "slices_for"]
 
 
-def fuse_linears(linears: Sequence[nn.Linear], config) -> QuantLinear:
+def fuse_linears(linears: Sequence[nn.Linear], config, hessian=None) -> QuantLinear:
     """One QuantLinear whose rows are the rows of ``linears`` in order (same in_features, all with or all without
-    bias), quantized in ``config``."""
+    bias), quantized in ``config`` (``hessian``: of the input they share, for the calibrated methods)."""
     w = torch.cat([lin.weight.detach() for lin in linears], dim=0)
     first = linears[0]
     has_bias = first.bias is not None
@@ -34,7 +34,9 @@ def fuse_linears(linears: Sequence[nn.Linear], config) -> QuantLinear:
     tmp.weight = nn.Parameter(w, requires_grad=False)
     if has_bias:
         tmp.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
-    return QuantLinear.from_linear(tmp, config)
+    if hessian is None:
+        return QuantLinear.from_linear(tmp, config)
+    return QuantLinear.from_linear(tmp, config, hessian=hessian)
 
 
 def _reusable(x: torch.Tensor) -> bool:

@@ -66,8 +66,10 @@ class QuantLinear(CachedRunnerModule):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Union[QuantConfig, str] = "int8") -> "QuantLinear":
-        """Quantize an nn.Linear (fp32/bf16/fp16 weight). The bias keeps its dtype; buffers stay on its device."""
+    def from_linear(cls, linear: nn.Linear, config: Union[QuantConfig, str] = "int8",
+                    hessian: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Quantize an nn.Linear (fp32/bf16/fp16 weight). The bias keeps its dtype; buffers stay on its device.
+        ``hessian`` ([in, in], the layer inputs' second moment) is what method="gptq" needs."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
         cfg = QuantConfig.from_any(config)
@@ -84,7 +86,7 @@ class QuantLinear(CachedRunnerModule):
         has_bias = linear.bias is not None
         mod = cls(k, n, bias=has_bias, config=cfg, device=w.device,
                   dtype=linear.bias.dtype if has_bias else w.dtype)
-        mod.load_quantized(quantize(w.detach(), cfg))
+        mod.load_quantized(quantize(w.detach(), cfg, hessian))
         if has_bias:
             with torch.no_grad():
                 mod.bias.copy_(linear.bias.detach())

@@ -11,6 +11,8 @@ from ..backend import Backend, normalize_backend
 from ..config import MoEConfig, QuantConfig, SparseAttentionConfig
 from .families import FamilySpec, get_family
 from .report import PatchReport, module_memory
+from ..calibration import collect_hessians, normalize_calibration, sequential_hessians
+from ..formats.scale_search import CALIBRATED
 from .rules import ModuleSwap, Plan, QuantLinearRule
 
 __all__ = ["patch", "unpatch", "is_patched", "patch_state", "PatchState", "PLAN_BUFFER", "STATE_ATTR"]
@@ -119,6 +121,7 @@ def patch(
     keep_originals: bool = True,
     lm_head: Union[None, bool, str, QuantConfig] = None,
     fuse: bool = True,
+    calibration: Any = None,
 ) -> PatchReport:
     """Patch ``model`` in place and return a :class:`PatchReport`.
 
@@ -160,6 +163,11 @@ def patch(
         raise TypeError(f"kernswap.patch: fuse must be a bool, got {type(fuse).__name__}")
     request = {"quant": cfg, "attention": attn_cfg, "moe": moe_cfg, "skip": _skip_patterns(skip, family, model),
                "lm_head": head_cfg, "fuse": fuse and cfg is not None}
+    calibrated = [c.method for c in (cfg, head_cfg) if c is not None and c.method in CALIBRATED]
+    if calibrated and calibration is None:
+        raise ValueError(f"kernswap.patch: method={calibrated[0]!r} needs calibration= (token ids, a list of them, or "
+                         f"an iterable of model-input dicts); use method='mse' (the int4 default) or 'rtn' without")
+    batches = normalize_calibration(calibration) if calibrated else None
 
     state = patch_state(model)
     if state is not None:
@@ -170,6 +178,9 @@ def patch(
             f"({_describe(state.request)}); requested {_describe(request)}. Call kernswap.unpatch(model) first: kernswap "
             "never quantizes a quantized model again.")
 
+    hessians, calib_tokens = {}, 0
+    if batches is not None:  # calibration, before anything is swapped (the model is left as it was)
+        hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches, progress)
     rules = []
     if cfg is not None:
         skip_here = request["skip"] + ((head,) if head else ())
@@ -177,11 +188,11 @@ def patch(
         if request["fuse"]:
             from .fuse import FusedProjectionRule
 
-            rules.append(FusedProjectionRule(cfg, skip_here))
+            rules.append(FusedProjectionRule(cfg, skip_here, hessians=hessians))
             fused = rules[-1].targets(model, family)
-        rules.append(QuantLinearRule(cfg, skip_here, exclude=fused))
+        rules.append(QuantLinearRule(cfg, skip_here, exclude=fused, hessians=hessians))
     if head_cfg is not None:
-        rules.append(QuantLinearRule(head_cfg, (), only=[head], allow_tied=True, role=HEAD_ROLE))
+        rules.append(QuantLinearRule(head_cfg, (), only=[head], allow_tied=True, role=HEAD_ROLE, hessians=hessians))
     if moe_cfg is not None:
         from .moe import MoERule  # the MoE swap's own module
 
@@ -190,7 +201,49 @@ def patch(
         from .attention import AttentionRule
 
         rules.append(AttentionRule(attn_cfg))
-    return apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals)
+    report = apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals)
+    methods = sorted({c.method for c in (cfg, head_cfg) if c is not None})
+    if methods:
+        report.notes.append(f"quantization method: {', '.join(methods)}" + (
+            f"; calibration: {len(batches)} batch(es), {calib_tokens} tokens" if batches is not None else ""))
+    return report
+
+
+def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, batches, progress):
+    """{id(layer): Hessian} for the layers a calibrated method quantizes: block by block through the decoder layers
+    (each fitted to the quantized blocks' outputs, sequential_hessians), the rest (e.g. the head) from the float
+    model. Returns (hessians, calibration tokens)."""
+    from ..formats import quantize
+    from .families import match_any
+    from .rules import check_quantizable, layer_config
+
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = []
+    if family.attention:
+        depth = family.attention[0].count(".")
+        parents = {n.rsplit(".", 1)[0] for n, _ in model.named_modules()
+                   if n.count(".") == depth and match_any(n, family.attention)}
+        blocks = [m for n, m in model.named_modules() if n in parents]
+
+    def config_of(layer):
+        name = names.get(id(layer), "")
+        c = head_cfg if name == head else (None if match_any(name, skip) else cfg)
+        if c is None or c.method not in CALIBRATED or check_quantizable(layer, c):
+            return None
+        return layer_config(layer.in_features, c)
+
+    def quantized_weight(layer, h):
+        c = config_of(layer)
+        return None if c is None else quantize(layer.weight, c, h).dequantize()
+
+    hess, tokens = {}, 0
+    if blocks:
+        hess, tokens = sequential_hessians(model, blocks, batches, quantized_weight, progress=progress)
+    rest = [m for m in model.modules() if type(m) is nn.Linear and id(m) not in hess and config_of(m) is not None]
+    if rest:
+        more, tokens = collect_hessians(model, rest, batches, progress=progress)
+        hess.update(more)
+    return hess, tokens
 
 
 def _name(cfg) -> str:
@@ -261,8 +314,12 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
 
         bar = tqdm(plan.actions, desc=desc, unit="layer", disable=not progress or not plan.actions, leave=False)
         for action in bar:
-            records.extend(action.run())
+            done_here = action.run()
+            records.extend(done_here)
             report.swapped.append((action.name, action.role, action.kind))
+            errs = [r.weight_error for r in done_here if getattr(r, "weight_error", None) is not None]
+            if errs:
+                report.weight_errors[action.name] = errs[0]
         plan_json = make_plan_json(model, request, report, records)
         if report.swapped:
             data = torch.frombuffer(bytearray(json.dumps(plan_json).encode()), dtype=torch.uint8).clone()
@@ -273,6 +330,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
             rec.undo()
         raise
     report.skipped = [(s.name, s.reason) for s in plan.skipped]
+
     report.memory_after = module_memory(model)
     report.seconds = time.perf_counter() - t0
     if report.swapped and keep_originals and restorable:

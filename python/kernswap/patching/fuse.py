@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .families import FamilySpec, match_any
-from .rules import Action, ModuleSwap, Plan, _block_role, check_quantizable, finer_group_notes, layer_config
+from .rules import (Action, ModuleSwap, Plan, _block_role, check_quantizable, finer_group_notes, layer_config,
+                    weight_error)
 
 __all__ = ["FusedProjectionRule", "FusedAdd"]
 
@@ -28,6 +29,7 @@ class FusedAdd:
     block_name: str
     attr: str
     parts: Tuple[str, ...]
+    weight_error: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -51,8 +53,10 @@ class FusedProjectionRule:
 
     kind = "fuse"
 
-    def __init__(self, config, skip: Sequence[str], empty: bool = False, only: Optional[Sequence[dict]] = None):
+    def __init__(self, config, skip: Sequence[str], empty: bool = False, only: Optional[Sequence[dict]] = None,
+                 hessians: Optional[Dict[int, torch.Tensor]] = None):
         self.config = config
+        self.hessians = hessians or {}  # id(layer) -> its inputs' Hessian: the siblings share one input
         self.skip = tuple(skip)
         self.empty = empty
         self.only = None if only is None else {(g["block"], g["name"]): tuple(g["parts"]) for g in only}
@@ -130,9 +134,12 @@ class FusedProjectionRule:
                 if first.bias is not None and fused.bias.dtype != first.bias.dtype:
                     fused.bias.data = fused.bias.data.to(first.bias.dtype)
             else:
-                fused = fuse_linears(mods, cfg)
+                fused = fuse_linears(mods, cfg, hessian=self.hessians.get(id(mods[0])))
+            err = None
+            if not self.empty:
+                err = weight_error(torch.cat([m.weight.detach().float() for m in mods]), fused)
             block.add_module(attr, fused)
-            records = [FusedAdd(block, bname, attr, parts)]
+            records = [FusedAdd(block, bname, attr, parts, err)]
             for p, m, sl in zip(parts, mods, slices_for(fused, [m.out_features for m in mods], attr)):
                 setattr(block, p, sl)
                 records.append(ModuleSwap(block, p, m, sl))

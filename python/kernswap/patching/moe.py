@@ -8,12 +8,14 @@ Targets come from the family declaration (``FamilySpec.experts``, inside ``Famil
 dense MLP layers of the same model (e.g. Qwen3-MoE ``mlp_only_layers``) have no experts child and are left
 to the Linear rule.
 """
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import MoEConfig, QuantConfig
+from ..formats.scale_search import CALIBRATED
 from ..nn.fused_moe import FusedExperts, experts_quant_config, unsupported_reason
 from .families import FamilySpec, match_any
 from .rules import Action, ModuleSwap, Plan, Skip
@@ -30,6 +32,11 @@ class MoERule:
         self.config = MoEConfig.from_any(config)
         self.quant = self.config.quant if self.config.quant is not None else (
             None if quant is None else QuantConfig.from_any(quant))
+        # stacked experts see routed subsets of the tokens: the calibrated methods are not done for them (yet); they
+        # take the error-minimising scales instead, and the plan says so
+        self.calibrated = self.quant is not None and self.quant.method in CALIBRATED
+        if self.calibrated:
+            self.quant = dataclasses.replace(self.quant, method="mse")
 
     def plan(self, model: nn.Module, family: FamilySpec) -> Plan:
         plan = Plan()
@@ -65,6 +72,8 @@ class MoERule:
             ))
         if plan.actions and self.quant is not None and self.config.quant is None:
             plan.notes.append(f"moe: experts quantized with patch()'s quant={self.quant.name}")
+        if plan.actions and self.calibrated:
+            plan.notes.append("moe: stacked experts use method='mse' (no calibrated method for them yet)")
         return plan
 
     def _runner(self, mod: nn.Module, where: List[Tuple[nn.Module, str]]):

@@ -46,6 +46,8 @@ class PatchReport:
     memory_before: int = 0
     memory_after: int = 0
     seconds: float = 0.0
+    # quantized layer -> relative weight error ||dequant(Wq) - W|| / ||W|| (fused layers under their fused name)
+    weight_errors: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     # ---- summaries -------------------------------------------------------------------------------
     @property
@@ -82,6 +84,7 @@ class PatchReport:
                         for reason in self.skipped_by_reason},
             "notes": list(self.notes), "memory_before": self.memory_before,
             "memory_after": self.memory_after, "seconds": round(self.seconds, 3),
+            "weight_errors": dict(self.weight_errors),
         }
 
     # ---- printing --------------------------------------------------------------------------------
@@ -101,6 +104,12 @@ class PatchReport:
         lines += _table(("memory (params+buffers)", "value"), [
             ("before", _mib(self.memory_before)), ("after", _mib(self.memory_after)),
             ("ratio", f"{ratio:.2f}x"), ("patch time", f"{self.seconds:.2f} s")])
+        if self.weight_errors:
+            by: Dict[str, List[float]] = defaultdict(list)
+            for name, e in self.weight_errors.items():
+                by[_layer_pattern(name)].append(e)
+            lines += _table(("weight error: layers", "count", "mean", "max"), [
+                (pat, str(len(v)), f"{sum(v) / len(v):.4f}", f"{max(v):.4f}") for pat, v in sorted(by.items())])
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

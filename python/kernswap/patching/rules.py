@@ -26,6 +26,7 @@ class ModuleSwap:
     attr: str
     original: Optional[nn.Module]
     replacement: nn.Module
+    weight_error: Optional[float] = None  # quantized swaps: ||dequant(Wq) - W|| / ||W||
 
     def undo(self) -> None:
         setattr(self.parent, self.attr, self.original)
@@ -91,6 +92,13 @@ def layer_config(k: int, config):
     return None
 
 
+def weight_error(original: torch.Tensor, quantized: nn.Module) -> float:
+    """||dequant(Wq) - W|| / ||W|| of a quantized module against the float weight it was made from."""
+    w = original.detach().to(torch.float32)
+    d = quantized.dequantize_weight().to(w.device)
+    return float((d - w).norm() / w.norm().clamp_min(1e-30))
+
+
 def finer_group_notes(finer: Dict[Tuple[int, int], int], config, what: str) -> List[str]:
     """Report notes for the layers that took a finer int4 group than ``config``'s: {(in_features, group): count}."""
     return [f"{count} {what} with in_features={k} (not a multiple of group_size={config.group_size}) use "
@@ -122,19 +130,21 @@ class QuantLinearRule:
     quantized state dict without quantizing anything). ``allow_tied=True`` quantizes a Linear whose weight is tied
     to another module's (the output head tied to the embeddings): the QuantLinear gets a quantized copy and the
     other module keeps the float tensor. ``role`` overrides the role the report gives the swapped layers.
-    ``exclude``: qualified names left to another rule (the siblings a FusedProjectionRule fuses).
+    ``exclude``: qualified names left to another rule (the siblings a FusedProjectionRule fuses). ``hessians``:
+    id(layer) -> the second moment of its inputs, for the calibrated methods (kernswap.calibration).
     """
 
     kind = "quant"
 
     def __init__(self, config, skip: Sequence[str], empty: bool = False,
                  only: Optional[Sequence[str]] = None, allow_tied: bool = False, role: Optional[str] = None,
-                 exclude: Sequence[str] = ()):
+                 exclude: Sequence[str] = (), hessians: Optional[Dict[int, torch.Tensor]] = None):
         self.config = config
         self.skip = tuple(skip)
         self.empty = empty
         self.only = None if only is None else set(only)
         self.exclude = set(exclude)  # layers another rule swaps (fused projections)
+        self.hessians = hessians or {}  # id(layer) -> its inputs' Hessian (calibrated methods)
         self.allow_tied = allow_tied
         self.role = role
 
@@ -142,7 +152,8 @@ class QuantLinearRule:
         QL = _quant_linear_cls()
         config = layer_config(linear.in_features, self.config)
         if not self.empty:
-            return QL.from_linear(linear, config)
+            h = self.hessians.get(id(linear))
+            return QL.from_linear(linear, config) if h is None else QL.from_linear(linear, config, hessian=h)
         with torch.device(linear.weight.device if linear.weight.device.type != "meta" else "cpu"):
             q = QL(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config)
         if linear.bias is not None and getattr(q, "bias", None) is not None and q.bias.dtype != linear.bias.dtype:
@@ -230,10 +241,11 @@ class QuantLinearRule:
     def _runner(self, mod: nn.Linear, where: List[Tuple[nn.Module, str, str]]):
         def run() -> List[ModuleSwap]:
             new = self._make(mod)
+            err = None if self.empty else weight_error(mod.weight, new)
             records = []
             for parent, attr, _ in where:
                 setattr(parent, attr, new)
-                records.append(ModuleSwap(parent, attr, mod, new))
+                records.append(ModuleSwap(parent, attr, mod, new, err))
             return records
 
         return run

@@ -1,0 +1,102 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, each column's rounding error spread over the
+columns not yet quantized through the inverse Hessian of the layer's inputs, so the layer's output error on the
+calibration inputs, not the weight error, is what is kept small.
+
+For W [N, K] and H = 2 X^T X / rows over the calibration inputs X [rows, K]: dead inputs (zero diagonal) are
+dropped, H is dampened by ``damp`` x its mean diagonal, and the upper Cholesky factor U of H^-1 drives the updates:
+column k's codes are rounded with its group's scale, err = (w_k - q_k s) / U[k, k], and w_j -= err U[k, j] for
+j > k; lazily, a block of 128 columns at a time (the trailing columns get one matrix product per block). A group's
+scale (and zero-point) is chosen when its first column comes up, from the weights as updated so far, by the same
+error-minimising search as method="mse". No activation reordering (act-order) yet: groups stay contiguous, so the
+packed format is unchanged.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from ..formats.scale_search import search_asymmetric, search_symmetric
+
+__all__ = ["gptq_quantize"]
+
+BLOCK = 128
+DAMP = 0.01
+
+
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(scale [N], zero [N] or None) for the columns w [N, g] of one group (int8: one group, the whole row)."""
+    if bits == 8:
+        return search_symmetric(w, -127, 127)[0], None
+    if symmetric:
+        return search_symmetric(w, -8, 7)[0], None
+    s, z, _ = search_asymmetric(w)
+    return s, z
+
+
+def _codes(w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+    """The integer codes (int8: -127..127, int4 sym: -8..7, asym: 0..15) of column(s) w for scale s / zero z."""
+    safe = torch.where(s != 0, s, torch.ones_like(s))
+    if bits == 8:
+        return torch.clamp(torch.round(w / safe), -127, 127)
+    if z is None:
+        return torch.clamp(torch.round(w / safe), -8, 7)
+    return torch.clamp(torch.round(w / safe) + z, 0, 15)
+
+
+def _dequant(q, s, z):
+    return (q if z is None else q - z) * s
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  damp: float = DAMP) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """w: float [N, K]; hessian: [K, K] (sum of x x^T over the calibration rows, any positive scaling). Returns
+    (codes [N, K] float, scale [N, K // group], zero [N, K // group] or None) in the format's code ranges
+    (int8 and symmetric int4 signed, asymmetric int4 0..15); int8 has one group (group_size = K)."""
+    W = w.detach().to(torch.float64).clone()
+    n, k = W.shape
+    H = hessian.detach().to(torch.float64).clone()
+    if H.shape != (k, k):
+        raise ValueError(f"gptq_quantize: hessian must be [{k}, {k}], got {list(H.shape)}")
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * torch.diagonal(H).mean().clamp_min(1e-12))
+    U = None
+    for extra in (0.0, 0.1, 1.0):  # more dampening if the Cholesky factorisation fails (a near-singular H)
+        try:
+            Hd = H if extra == 0 else H + extra * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype)
+            L = torch.linalg.cholesky(Hd)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            break
+        except RuntimeError:
+            continue
+    if U is None:
+        raise RuntimeError("gptq_quantize: the inputs' Hessian is not positive definite even with dampening")
+    g = group_size if bits == 4 else k
+    ng = k // g
+    Q = torch.zeros_like(W)
+    S = torch.zeros(n, ng, dtype=torch.float64)
+    Z = torch.zeros(n, ng, dtype=torch.float64) if (bits == 4 and not symmetric) else None
+    s = z = None
+    for b0 in range(0, k, BLOCK):
+        b1 = min(k, b0 + BLOCK)
+        W1 = W[:, b0:b1].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % g == 0:  # a new group: its scale from the weights as updated so far
+                gi = col // g
+                grp = torch.cat([W1[:, i:], W[:, b1:]], dim=1)[:, :g]
+                sg, zg = _group_params(grp.float(), bits, symmetric)
+                s, z = sg.double(), (None if zg is None else zg.double())
+                S[:, gi] = s
+                if Z is not None:
+                    Z[:, gi] = z
+            wc = W1[:, i]
+            q = _codes(wc, s, z, bits)
+            Q[:, col] = q
+            err = (wc - _dequant(q, s, z)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+    return Q.float(), S.float(), (None if Z is None else Z.float())
