@@ -21,8 +21,9 @@ namespace {
 
 constexpr int kPrefetch = 2048;  // software prefetch distance on the packed tile stream
 
-// Tile t, k in [k0, k1) (k0, k1 multiples of 4, k1 <= kpad) -> buf[(k - k0) * ldb + row], fp32, q * scale.
-inline void dequant_chunk8(const QLinearArgs& a, const FmaGeo& g, int64_t t, int64_t k0, int64_t k1, float* buf,
+// Tile t, k in [k0, k1) (k0, k1 multiples of 4, k1 <= kpad) -> buf[(k - k0) * ldb + row], fp32, q * scale. Not
+// inlined, as in qlinear_fma_avx2.cpp: its invariant vectors must not hold registers the micro-kernel needs.
+__attribute__((noinline)) void dequant_chunk8(const QLinearArgs& a, const FmaGeo& g, int64_t t, int64_t k0, int64_t k1, float* buf,
                            int64_t ldb) {
   const uint8_t* tile = a.packed + t * g.tile_bytes;
   const __m512 sc = _mm512_loadu_ps(a.scale + t * 16);
@@ -38,7 +39,7 @@ inline void dequant_chunk8(const QLinearArgs& a, const FmaGeo& g, int64_t t, int
 }
 
 // Tile t, k in [k0, k1) (multiples of 8) -> buf, fp32, (q - zero) * scale with the group's zero and scale.
-inline void dequant_chunk4(const QLinearArgs& a, const FmaGeo& g, int64_t t, int64_t k0, int64_t k1, float* buf,
+__attribute__((noinline)) void dequant_chunk4(const QLinearArgs& a, const FmaGeo& g, int64_t t, int64_t k0, int64_t k1, float* buf,
                            int64_t ldb) {
   const uint8_t* tile = a.packed + t * g.tile_bytes;
   const __m512i low4 = _mm512_set1_epi32(0x0F);
@@ -106,18 +107,9 @@ inline void run_rows(int rows, int nt, const float* x, int64_t ldx, int64_t kc, 
 
 struct FmaTier {
   static constexpr int kMR = 6, kNT = 4;  // 24 zmm accumulators, 4 weight vectors, 1 broadcast
-  static void dequant8(const QLinearArgs& a, const FmaGeo& g, int64_t t, int64_t k0, int64_t k1, float* buf,
-                       int64_t ldb) {
-    dequant_chunk8(a, g, t, k0, k1, buf, ldb);
-  }
-  static void dequant4(const QLinearArgs& a, const FmaGeo& g, int64_t t, int64_t k0, int64_t k1, float* buf,
-                       int64_t ldb) {
-    dequant_chunk4(a, g, t, k0, k1, buf, ldb);
-  }
-  static void rows(int rows, int nt, const float* x, int64_t ldx, int64_t kc, const float* buf, int64_t ldb, float* o,
-                   int64_t ldo, bool first) {
-    run_rows<kMR, kNT>(rows, nt, x, ldx, kc, buf, ldb, o, ldo, first);
-  }
+  static constexpr auto dequant8 = dequant_chunk8;
+  static constexpr auto dequant4 = dequant_chunk4;
+  static constexpr auto rows = run_rows<kMR, kNT>;
 };
 
 void qlinear_fma(const QLinearArgs& a) { FmaDriver<FmaTier>::run(a); }
