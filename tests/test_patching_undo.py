@@ -73,11 +73,11 @@ def test_rollback_on_failure(monkeypatch, fail_at):
     real = QuantLinear.from_linear.__func__
     calls = {"n": 0}
 
-    def flaky(cls, linear, config):
+    def flaky(cls, linear, config, **kw):
         calls["n"] += 1
         if calls["n"] == fail_at:
             raise RuntimeError(f"injected failure at call {fail_at}")
-        return real(cls, linear, config)
+        return real(cls, linear, config, **kw)
 
     monkeypatch.setattr(QuantLinear, "from_linear", classmethod(flaky))
     with pytest.raises(RuntimeError, match="injected failure"):

@@ -15,7 +15,6 @@ from torch import nn
 __all__ = ["normalize_calibration", "collect_hessians", "sequential_hessians"]
 
 
-
 def normalize_calibration(calibration: Any, fn: str = "kernswap.patch") -> List[Dict[str, Any]]:
     """calibration: token ids (a [T] or [B, T] integer tensor), a list of them, or an iterable of model-input dicts
     -> a list of keyword-argument dicts for model(**kw)."""
@@ -40,11 +39,21 @@ def normalize_calibration(calibration: Any, fn: str = "kernswap.patch") -> List[
     return [dict(x) if isinstance(x, dict) else ids_dict(x) for x in items]
 
 
+def _tokens(kw: Dict[str, Any]) -> int:
+    ids = kw.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def _run(model: nn.Module, kw: Dict[str, Any]) -> int:
+    """One calibration forward (no KV cache unless the batch asks for one) -> its token count."""
+    model(**kw, **({"use_cache": False} if "use_cache" not in kw else {}))
+    return _tokens(kw)
+
+
 def collect_hessians(model: nn.Module, layers: Sequence[nn.Linear], batches: List[Dict[str, Any]],
                      progress: bool = False) -> Tuple[Dict[int, torch.Tensor], int]:
     """{id(layer): H [K, K] fp64} over every input row each layer saw, and the number of calibration tokens."""
     hess: Dict[int, torch.Tensor] = {}
-    seen: Dict[int, int] = {}
 
     def hook(mod, args):
         x = args[0].detach()
@@ -52,7 +61,6 @@ def collect_hessians(model: nn.Module, layers: Sequence[nn.Linear], batches: Lis
         h = (x.t() @ x).to(torch.float64)
         key = id(mod)
         hess[key] = h if key not in hess else hess[key] + h
-        seen[key] = seen.get(key, 0) + x.shape[0]
 
     handles = [layer.register_forward_pre_hook(hook) for layer in {id(m): m for m in layers}.values()]
     tokens = 0
@@ -61,9 +69,7 @@ def collect_hessians(model: nn.Module, layers: Sequence[nn.Linear], batches: Lis
 
         with torch.no_grad():
             for kw in tqdm(batches, desc="kernswap: calibrating", unit="batch", disable=not progress, leave=False):
-                ids = kw.get("input_ids")
-                tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
-                model(**kw, **({"use_cache": False} if "use_cache" not in kw else {}))
+                tokens += _run(model, kw)
     finally:
         for h in handles:
             h.remove()
@@ -91,12 +97,10 @@ def sequential_hessians(model: nn.Module, blocks: Sequence[nn.Module], batches: 
     try:
         with torch.no_grad():
             for kw in batches:
-                ids = kw.get("input_ids")
-                tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
                 try:
-                    model(**kw, **({"use_cache": False} if "use_cache" not in kw else {}))
+                    tokens += _run(model, kw)
                 except _Stop:
-                    pass
+                    tokens += _tokens(kw)
     finally:
         handle.remove()
     hess: Dict[int, torch.Tensor] = {}

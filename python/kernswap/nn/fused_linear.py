@@ -34,14 +34,12 @@ def fuse_linears(linears: Sequence[nn.Linear], config, hessian=None) -> QuantLin
     tmp.weight = nn.Parameter(w, requires_grad=False)
     if has_bias:
         tmp.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
-    if hessian is None:
-        return QuantLinear.from_linear(tmp, config)
     return QuantLinear.from_linear(tmp, config, hessian=hessian)
 
 
 def _reusable(x: torch.Tensor) -> bool:
-    """Outputs may be shared between the slices only in eager inference (no autograd graph to keep apart, no
-    tracing: the compiled graph calls the fused layer per slice and slices its output)."""
+    """Outputs may be shared between the slices only in eager inference: no autograd graph to keep apart, and no
+    tracing (under torch.compile each slice runs its own rows of the fused weight, see QuantLinearSlice)."""
     return not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)
 
 

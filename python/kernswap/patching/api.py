@@ -266,8 +266,8 @@ def _tier_notes(request: Dict[str, Any]) -> List[str]:
     if cfg is not None and cfg.backend.value in ("auto", "cpu"):
         note = tier_note(cfg.weight_bits, cfg.dynamic_activations)
         notes += [note] if note else []
-    wants_cpu = [r for r in (cfg, request.get("attention"), request.get("moe"), request.get("lm_head"))
-                 if r is not None and getattr(r, "backend", None) is not None and r.backend.value == "auto"]
+    wants_cpu = any(getattr(getattr(r, "backend", None), "value", None) == "auto"
+                    for r in (cfg, request.get("attention"), request.get("moe"), request.get("lm_head")))
     if wants_cpu and not _ext.have_cpu_ext():  # auto falls back to the pure-PyTorch reference on the CPU: say so
         notes.append(f"kernswap's compiled CPU module is not available ({_ext.cpu_ext_reason()}): on the CPU, auto "
                      f"runs the pure-PyTorch reference of each op, slower than the unpatched model")
@@ -330,7 +330,6 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
             rec.undo()
         raise
     report.skipped = [(s.name, s.reason) for s in plan.skipped]
-
     report.memory_after = module_memory(model)
     report.seconds = time.perf_counter() - t0
     if report.swapped and keep_originals and restorable:
@@ -348,10 +347,10 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
 def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchReport, records: List[Any]) -> Dict[str, Any]:
     """What a saved model needs to be rebuilt without re-quantizing: the quantized Linear layers, the fused
     projections, the quantized output head, the quantized fused experts (shape and format) and the attention swap."""
-    from .fuse import fused_plan_entries
+    from .fuse import fused_name, fused_plan_entries
 
     fused = fused_plan_entries(records)
-    fused_names = {f"{g['block']}.{g['name']}" for g in fused}
+    fused_names = {fused_name(g) for g in fused}
     cfg, attn, head_cfg = request.get("quant"), request.get("attention"), request.get("lm_head")
     experts = {}
     for name, role, _ in report.swapped:

@@ -9,7 +9,7 @@ removed from the block.
 """
 import dataclasses
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from .families import FamilySpec, match_any
 from .rules import (Action, ModuleSwap, Plan, _block_role, check_quantizable, finer_group_notes, layer_config,
                     weight_error)
 
-__all__ = ["FusedProjectionRule", "FusedAdd"]
+__all__ = ["FusedProjectionRule", "FusedAdd", "fused_name"]
 
 
 @dataclasses.dataclass
@@ -31,12 +31,13 @@ class FusedAdd:
     parts: Tuple[str, ...]
     weight_error: Optional[float] = None
 
-    @property
-    def name(self) -> str:
-        return f"{self.block_name}.{self.attr}" if self.block_name else self.attr
-
     def undo(self) -> None:
         self.block._modules.pop(self.attr, None)
+
+
+def fused_name(entry: Dict[str, Any]) -> str:
+    """The full module name of a fused layer from its plan entry ({"block", "name", "parts"})."""
+    return f"{entry['block']}.{entry['name']}" if entry["block"] else entry["name"]
 
 
 def _blocks(model: nn.Module, family: FamilySpec):

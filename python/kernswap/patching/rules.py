@@ -152,8 +152,7 @@ class QuantLinearRule:
         QL = _quant_linear_cls()
         config = layer_config(linear.in_features, self.config)
         if not self.empty:
-            h = self.hessians.get(id(linear))
-            return QL.from_linear(linear, config) if h is None else QL.from_linear(linear, config, hessian=h)
+            return QL.from_linear(linear, config, hessian=self.hessians.get(id(linear)))
         with torch.device(linear.weight.device if linear.weight.device.type != "meta" else "cpu"):
             q = QL(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config)
         if linear.bias is not None and getattr(q, "bias", None) is not None and q.bias.dtype != linear.bias.dtype:

@@ -189,7 +189,9 @@ def load_quantized(source: Union[str, os.PathLike, nn.Module, Any], directory: O
 
 def _prefixes(plan: Dict[str, Any]) -> tuple:
     head = [plan["lm_head"]["name"]] if plan.get("lm_head") else []
-    fused = [f"{g['block']}.{g['name']}" for g in plan.get("fused") or ()]
+    from .fuse import fused_name
+
+    fused = [fused_name(g) for g in plan.get("fused") or ()]
     return tuple(n + "." for n in list(plan.get("quantized", [])) + head + fused + list(plan.get("experts") or {}))
 
 
