@@ -17,6 +17,12 @@ One FlashAttention-2-style forward kernel, ``bsa_fwd_kernel``, that visits only 
   list and writes its normalised partial output (fp32) and lse; the launcher merges the partials with the
   log-sum-exp rule (torch ops). With one split the kernel writes the final output (in o_ptr's dtype) and lse.
 * lse is the natural-log logsumexp of scale * q.k over attended keys; a row with none gets out = 0, lse = -inf.
+* NaN / Inf policy: a row whose q row, or a visible key's k or v row, is non-finite gets NaN (out and lse);
+  a key a row cannot see never reaches it. q rows are checked once (a non-finite row runs as zeros); the
+  masked sub-tiles (where some rows do not see some keys) zero their non-finite k and v entries and flag the
+  rows that see them; in unmasked sub-tiles every row sees every key, so a non-finite k or v shows in the
+  row's own statistics (a NaN or +Inf score makes l NaN, a -Inf score is flagged, a non-finite v makes the
+  accumulator non-finite), checked once at the end.
 
 The module imports without triton: ``HAS_TRITON`` is False and ``TRITON_IMPORT_ERROR`` says why.
 """
@@ -105,12 +111,17 @@ if HAS_TRITON:
             return tl.dot(a, b, acc)
 
     @triton.jit
-    def _bsa_tiles(acc, l_i, m_i, q, k_base, v_base, idx_row, t_lo, t_hi, sub, block_size,
+    def _finite(x):
+        return (x - x) == 0  # NaN for NaN and +-Inf
+
+    @triton.jit
+    def _bsa_tiles(acc, l_i, m_i, bad, q, k_base, v_base, idx_row, t_lo, t_hi, sub, block_size,
                    stride_kn, stride_vn, pos, p_last, Sk, causal, qk_scale,
                    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    IEEE: tl.constexpr):
         """Online softmax over key sub-tiles t in [t_lo, t_hi) of the kept list (sub-tile t: key block
-        idx_row[t // sub], part t % sub).  m_i is in log2 units of the scaled scores."""
+        idx_row[t // sub], part t % sub).  m_i is in log2 units of the scaled scores; bad (int32 per row): the
+        row saw a non-finite key (see the module docstring)."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for t in range(t_lo, t_hi):
@@ -125,20 +136,27 @@ if HAS_TRITON:
                 # a sub-tile wholly in the causal future of every row of the tile adds nothing: skip its work
                 if n0 <= p_last:
                     kt = tl.load(kt_ptrs, mask=in_k[None, :], other=0.0)
+                    v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+                    k_ok = _finite(kt)
+                    v_ok = _finite(v)
+                    key_bad = (tl.min(k_ok.to(tl.int32), 0) == 0) | (tl.min(v_ok.to(tl.int32), 1) == 0)
+                    kt = tl.where(k_ok, kt, 0.0)
+                    v = tl.where(v_ok, v, 0.0)
                     qk = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
                     keep = in_k[None, :] & ((causal == 0) | (n[None, :] <= pos[:, None]))
+                    bad = tl.maximum(bad, tl.max((keep & key_bad[None, :]).to(tl.int32), 1))
                     qk = tl.where(keep, qk, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(qk, 1))
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing visible yet
                     alpha = tl.math.exp2(m_i - m_safe)
                     p = tl.math.exp2(qk - m_safe[:, None])
                     l_i = l_i * alpha + tl.sum(p, 1)
-                    v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
                     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
                     m_i = m_new
             else:
                 kt = tl.load(kt_ptrs)
                 qk = _dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+                bad = tl.maximum(bad, (tl.min(qk, 1) == float("-inf")).to(tl.int32))  # an Inf key p = 0 would drop
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 alpha = tl.math.exp2(m_i - m_new)
                 p = tl.math.exp2(qk - m_new[:, None])
@@ -146,7 +164,7 @@ if HAS_TRITON:
                 v = tl.load(v_ptrs)
                 acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
                 m_i = m_new
-        return acc, l_i, m_i
+        return acc, l_i, m_i, bad
 
     @triton.jit
     def bsa_fwd_kernel(
@@ -189,22 +207,29 @@ if HAS_TRITON:
         q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
         q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
                     mask=(offs_m < Sq)[:, None], other=0.0)
+        q_ok = _finite(q)
+        bad = (tl.min(q_ok.to(tl.int32), 1) == 0).to(tl.int32)  # a non-finite q row: poisoned, runs as zeros
+        q = tl.where(q_ok, q, 0.0)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        acc, l_i, m_i = _bsa_tiles(acc, l_i, m_i, q, k_base, v_base, idx_row, lo * sub,
-                                   tl.minimum(hi, n_full) * sub, sub, block_size, stride_kn, stride_vn, pos,
-                                   p_last, Sk, causal, qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE)
-        acc, l_i, m_i = _bsa_tiles(acc, l_i, m_i, q, k_base, v_base, idx_row, tl.maximum(lo, n_full) * sub,
-                                   hi * sub, sub, block_size, stride_kn, stride_vn, pos, p_last, Sk, causal,
-                                   qk_scale, True, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE)
+        acc, l_i, m_i, bad = _bsa_tiles(acc, l_i, m_i, bad, q, k_base, v_base, idx_row, lo * sub,
+                                        tl.minimum(hi, n_full) * sub, sub, block_size, stride_kn, stride_vn, pos,
+                                        p_last, Sk, causal, qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, IEEE)
+        acc, l_i, m_i, bad = _bsa_tiles(acc, l_i, m_i, bad, q, k_base, v_base, idx_row,
+                                        tl.maximum(lo, n_full) * sub, hi * sub, sub, block_size, stride_kn,
+                                        stride_vn, pos, p_last, Sk, causal, qk_scale, True, BLOCK_M, BLOCK_N,
+                                        HEAD_DIM, IEEE)
+        poisoned = (bad > 0) | ~_finite(l_i) | (tl.min(_finite(acc).to(tl.int32), 1) == 0)
 
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        out = tl.where(poisoned[:, None], float("nan"), out)
+        lse = tl.where(poisoned, float("nan"), lse)
         o_row = split.to(tl.int64) * stride_os + (pid_bh.to(tl.int64) * Sq + m0) * HEAD_DIM
         o_ptrs = o_ptr + o_row + tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m < Sq)[:, None])

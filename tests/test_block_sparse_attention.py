@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from attention_nan import check_policy, poisoned_case
 from conftest import ISAS, assert_raises, use_isa
 from kernswap import ops, sparse
 from kernswap.ops.block_sparse_attention import TABLE
@@ -268,3 +269,26 @@ def test_zero_length():
     out = ops.block_sparse_attention(q, k, v, torch.ones(1, 1, 0, 1, dtype=torch.bool), block_size=16)
     assert out.shape == (1, 2, 0, 64)
     assert math.isfinite(float(out.sum()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_nan_policy(backend, dtype, decode):
+    """A row whose q, or a visible key's k or v, is non-finite is NaN; keys a row cannot see never reach it."""
+    name, isa = backend
+    q, k, v, mask, bs = poisoned_case(dtype, decode)
+    with use_isa(isa):
+        out, lse = ops.block_sparse_attention(q, k, v, mask, block_size=bs, backend=name, return_lse=True)
+    check_policy(out, lse, q, k, v, mask, bs)
+
+
+def test_nan_q_row_without_keys():
+    q, k, v = _inputs(1, 2, 2, 4, 0, 64, torch.float32)
+    q[0, 1, 2, 0] = math.inf
+    out, lse = ops.block_sparse_attention(q, k, v, torch.ones(1, 1, 1, 0, dtype=torch.bool), block_size=16,
+                                          causal=False, return_lse=True)
+    bad = torch.zeros(1, 2, 4, dtype=torch.bool)
+    bad[0, 1, 2] = True
+    assert torch.equal(torch.isnan(out).all(-1), bad) and torch.equal(torch.isnan(lse), bad)
+    assert (out[~bad] == 0).all() and torch.isneginf(lse[~bad]).all()

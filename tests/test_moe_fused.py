@@ -118,3 +118,23 @@ def test_fused_moe_bad_inputs():
     ]
     for call, exc, msg in cases:
         assert_raises(call, exc, msg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", [None, "int8", "w4a8"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_nan_policy(backend, fmt, scoring):
+    """The NaN / Inf policy: a token whose hidden row or router logits hold a NaN or an Inf gives NaN in every
+    element; the other tokens equal the clean run (they share experts and panels with the poisoned ones)."""
+    t, e, k, h, i = 23, 6, 2, 128, 128
+    x, lg = torch.randn(t, h), torch.randn(t, e)
+    wgu, wd = _weights(e, h, i)
+    if fmt is not None:
+        wgu, wd = quantize_experts(wgu, fmt), quantize_experts(wd, fmt)
+    clean = fused_moe(x, lg, wgu, wd, k, scoring=scoring, backend=backend)
+    bad = [2, 9, 17]
+    x[2, 5], x[9, 0], lg[17, 3] = float("nan"), float("inf"), float("nan")
+    out = fused_moe(x, lg, wgu, wd, k, scoring=scoring, backend=backend)
+    assert torch.isnan(out[bad]).all(), "poisoned tokens: NaN in every element"
+    keep = [r for r in range(t) if r not in bad]
+    assert torch.equal(out[keep], clean[keep]), "the other tokens are untouched"

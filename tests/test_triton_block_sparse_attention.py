@@ -24,6 +24,8 @@ from kernswap import _kernels  # noqa: E402
 from kernswap.backends import attention_triton as bt  # noqa: E402
 from kernswap.reference.block_sparse_attention import block_sparse_attention_ref  # noqa: E402
 
+from attention_nan import check_policy, poisoned_case  # noqa: E402
+
 KM = _kernels.load("block_sparse_attention")
 if not KM.HAS_TRITON:
     pytest.skip(f"triton unusable: {KM.TRITON_IMPORT_ERROR}", allow_module_level=True)
@@ -205,6 +207,21 @@ def test_aot_variants_cover_launches():
 
 
 # ---------------------------------------------------------------------------- GPU-only cases
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("decode,bs", [(False, 16), (True, 16), (False, 64)], ids=["prefill", "decode", "main"])
+def test_nan_policy(dtype, decode, bs):
+    """A row whose q, or a visible key's k or v, is non-finite is NaN; keys a row cannot see never reach it
+    (split and main configurations, masked and unmasked sub-tiles, merged splits)."""
+    q, k, v, mask, bs = poisoned_case(dtype, decode, DEVICE, bs=bs)
+    out, lse = bt.block_sparse_attention(q, k, v, mask, bs, True, q.shape[-1] ** -0.5)
+    check_policy(out, lse, q, k, v, mask, bs)
+    if decode:  # poisoned partials through the launcher's log-sum-exp merge
+        counts, n_full, idx = bt.compress_block_mask(mask, bs, q.shape[2], k.shape[2], True)
+        out, lse = KM.launch_block_sparse_attention(q, k, v, counts, n_full, idx, bs, True, q.shape[-1] ** -0.5,
+                                                    num_splits=4)
+        check_policy(out, lse, q, k, v, mask, bs)
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -98,9 +98,10 @@ def _checked_run(q, k, v, block_mask, block_size, causal, scale, backend):
 
 
 def _run(q, k, v, block_mask, block_size, causal, scale, backend):
-    if q.numel() == 0 or k.shape[2] == 0:
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend: zeros and -inf, NaN for a non-finite q row
+        bad = ~torch.isfinite(q).all(-1)
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device).masked_fill(bad.unsqueeze(-1), math.nan)
+        lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device).masked_fill(bad, math.nan)
         return out, lse
     _, mod, _ = choose_attention_backend(q, k, v, block_mask, block_size, causal, backend)
     if mod is None:
@@ -156,7 +157,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     causal: mask inside the kept blocks too, with the queries aligned to the END of the keys: query row i sits
       at position i + Sk - Sq, so decoding with a KV cache (Sq < Sk) works. Needs Sq <= Sk.
     scale: softmax scale, default 1/sqrt(D).
-    A query row whose kept blocks hold no visible key returns zeros (and lse = -inf).
+    A query row whose kept blocks hold no visible key returns zeros (and lse = -inf). A row whose q row, or the
+      k or v row of a key it sees, holds a NaN or an Inf returns NaN (and lse = NaN); keys a row does not see
+      never affect it.
     Returns out (B, Hq, Sq, D) in q.dtype, or (out, lse) with ``return_lse=True`` (lse: (B, Hq, Sq) float32,
     natural log of the softmax denominator).
     backend: "auto" | "cpu" | "triton" | "reference".
