@@ -95,5 +95,20 @@ inline int64_t qscale_count(const char* fn, int bits, int64_t group_size, int64_
   return mul(fn, bits == 8 ? 1 : K / group_size, padded_n(N));
 }
 
+// The packed weight, its scales and zero points for an [N, K] weight (bytes, floats, bytes).
+inline void check_weight(const char* fn, uintptr_t packed, int64_t packed_numel, int bits, int64_t group_size, int64_t N,
+                  int64_t K, uintptr_t scale, int64_t scale_numel, uintptr_t zero, int64_t zero_numel) {
+  check_qformat(fn, bits, group_size, K);
+  const auto nk = [&] { return dims({{"bits", bits}, {"N", N}, {"K", K}}); };
+  need(fn, "packed_numel", packed, packed_numel, qpacked_bytes(fn, bits, N, K), nk);
+  const int64_t ns = qscale_count(fn, bits, group_size, N, K);
+  const auto gk = [&] { return dims({{"bits", bits}, {"group_size", group_size}, {"N", N}, {"K", K}}); };
+  need(fn, "scale_numel", scale, scale_numel, ns, gk);
+  if (zero) {
+    if (bits != 4) fail(fn, "zero points are for int4 only, got a zero buffer with bits=8");
+    need(fn, "zero_numel", zero, zero_numel, ns, gk);
+  }
+}
+
 }  // namespace bind
 }  // namespace kernswap

@@ -20,21 +20,6 @@ DType dtype_of(int code, const char* what) {
   return static_cast<DType>(code);
 }
 
-// The packed weight, its scales and zero points for an [N, K] weight (bytes, floats, bytes).
-void check_weight(const char* fn, uintptr_t packed, int64_t packed_numel, int bits, int64_t group_size, int64_t N,
-                  int64_t K, uintptr_t scale, int64_t scale_numel, uintptr_t zero, int64_t zero_numel) {
-  check_qformat(fn, bits, group_size, K);
-  const auto nk = [&] { return dims({{"bits", bits}, {"N", N}, {"K", K}}); };
-  need(fn, "packed_numel", packed, packed_numel, qpacked_bytes(fn, bits, N, K), nk);
-  const int64_t ns = qscale_count(fn, bits, group_size, N, K);
-  const auto gk = [&] { return dims({{"bits", bits}, {"group_size", group_size}, {"N", N}, {"K", K}}); };
-  need(fn, "scale_numel", scale, scale_numel, ns, gk);
-  if (zero) {
-    if (bits != 4) fail(fn, "zero points are for int4 only, got a zero buffer with bits=8");
-    need(fn, "zero_numel", zero, zero_numel, ns, gk);
-  }
-}
-
 void qlinear_py(uintptr_t x, int64_t x_numel, int x_dtype, int64_t M, int64_t K, int64_t x_row_stride,
                 uintptr_t packed, int64_t packed_numel, int bits, int64_t group_size, int64_t N, uintptr_t scale,
                 int64_t scale_numel, uintptr_t zero, int64_t zero_numel, uintptr_t bias, int64_t bias_numel,

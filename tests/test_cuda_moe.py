@@ -111,11 +111,14 @@ def test_compiled_entry_rejects_bad_arguments():
     ws = torch.empty(4, dtype=torch.int32, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
     with pytest.raises(ValueError, match="sorted_len"):   # needs min(10*16, 10 + 4*15) = 70
-        mod.moe_align(ids.data_ptr(), 10, 4, 16, out.data_ptr(), 16, off.data_ptr(), ws.data_ptr(), 4, stream)
+        mod.moe_align(ids.data_ptr(), 10, 10, 4, 16, out.data_ptr(), 16, off.data_ptr(), 5, ws.data_ptr(), 4,
+                      stream)
     with pytest.raises(ValueError, match="workspace"):
-        mod.moe_align(ids.data_ptr(), 10, 4, 1, out.data_ptr(), 10, off.data_ptr(), ws.data_ptr(), 3, stream)
+        mod.moe_align(ids.data_ptr(), 10, 10, 4, 1, out.data_ptr(), 10, off.data_ptr(), 5, ws.data_ptr(), 3,
+                      stream)
     with pytest.raises(ValueError, match="num_experts"):
-        mod.moe_align(ids.data_ptr(), 10, 2000, 1, out.data_ptr(), 10, off.data_ptr(), ws.data_ptr(), 4, stream)
+        mod.moe_align(ids.data_ptr(), 10, 10, 2000, 1, out.data_ptr(), 10, off.data_ptr(), 2001, ws.data_ptr(),
+                      4, stream)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 in this session")

@@ -178,3 +178,25 @@ def test_data_assignment_is_never_stale(fmt):
         q.packed.data = q.packed.data[:1].clone()  # too small for the layer: refused, never read out of bounds
         with pytest.raises(ValueError, match="packed"):
             q(x)
+
+
+def test_moving_the_module_drops_the_caches():
+    """After .to(device) the cached runner and QuantizedWeight view no longer keep the old buffers alive (on a
+    GPU machine the CPU copies would otherwise stay in host memory); the next call rebuilds them."""
+    import gc
+    import weakref
+
+    from kernswap.nn import FusedExperts
+
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 40), QuantConfig.from_any("int8"))
+    fx = FusedExperts(3, 32, 16, quant="int8")
+    with torch.no_grad():
+        q(torch.randn(2, 64))
+        fx(torch.randn(2, 32), torch.randint(0, 3, (2, 2)), torch.rand(2, 2))
+    old = [weakref.ref(q.packed), weakref.ref(q.scale)] + [weakref.ref(t) for t in fx.buffers()]
+    assert "_runner_cache" in q.__dict__ and "_runner_cache" in fx.__dict__
+    q.to("meta")
+    fx.to("meta")
+    gc.collect()
+    assert all(r() is None for r in old), "a cache kept a buffer of the module's old device alive"
+    assert not any(k in m.__dict__ for m in (q, fx) for k in ("_runner_cache", "_qweight_cache", "_weights_cache"))

@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .cpu import extent
+
 __all__ = ["available", "supports", "quantized_linear", "MAX_M"]
 
 MAX_M = 16
@@ -78,7 +80,8 @@ def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     code = _DTYPE_CODE[x2d.dtype]
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        mod.qgemv(x2d.data_ptr(), code, M, K, x2d.stride(0), packed.data_ptr(), int(bits),
-                  int(group_size) if bits == 4 else K, N, scale.data_ptr(), 0 if zero is None else zero.data_ptr(),
-                  0 if bias is None else bias.data_ptr(), y.data_ptr(), code, y.stride(0), stream)
+        mod.qgemv(x2d.data_ptr(), extent(x2d), code, M, K, x2d.stride(0), packed.data_ptr(), extent(packed),
+                  int(bits), int(group_size) if bits == 4 else K, N, scale.data_ptr(), extent(scale),
+                  0 if zero is None else zero.data_ptr(), extent(zero), 0 if bias is None else bias.data_ptr(),
+                  extent(bias), y.data_ptr(), extent(y), code, y.stride(0), stream)
     return y

@@ -89,8 +89,8 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_size: Optional[int] = 
     ws = torch.empty((max(ws_elems, 1),), dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        mod.moe_align(ids.data_ptr(), P, E, bs, sorted_ids.data_ptr() if length else 0, length, offsets.data_ptr(),
-                      ws.data_ptr(), ws_elems, stream)
+        mod.moe_align(ids.data_ptr(), ids.numel(), P, E, bs, sorted_ids.data_ptr() if length else 0, length,
+                      offsets.data_ptr(), offsets.numel(), ws.data_ptr(), ws_elems, stream)
     if block_size is not None and exact_length:
         sorted_ids = sorted_ids[:int(offsets[E])]
     return sorted_ids, offsets

@@ -27,3 +27,10 @@ class CachedRunnerModule(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         return {k: v for k, v in state.items() if k not in CACHE_ATTRS}
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to() / .cuda() / .half() / ...: the caches go (they hold the old buffers, which would otherwise stay
+        alive beside the moved ones); the next call rebuilds what it needs."""
+        for name in CACHE_ATTRS:
+            self.__dict__.pop(name, None)
+        return super()._apply(fn, recurse)
