@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import kernswap
 from kernswap import _ext, _kernels
@@ -47,6 +48,31 @@ def test_no_ext_override_reports_reason():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     c = json.loads(r.stdout)
     assert not c["found"] and "KERNSWAP_NO_EXT" in c["reason"]
+
+
+def test_printout_says_where_auto_falls_back_to_the_reference():
+    env = dict(_ENV, KERNSWAP_NO_EXT="1")
+    r = subprocess.run([sys.executable, "-m", "kernswap"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tail = r.stdout.split("auto falls back to the pure-PyTorch reference:", 1)[1]
+    assert "cpu: auto runs the pure-PyTorch reference of every op" in tail and "KERNSWAP_NO_EXT" in tail
+    from kernswap import diagnostics
+
+    fb = diagnostics.info()["fallbacks"]
+    have = diagnostics._ext.have_cpu_ext()
+    assert any(f.startswith("cpu: auto runs") for f in fb) == (not have)
+
+
+def test_quantized_experts_on_cuda_are_not_silent():
+    """On a CUDA model, quantized MoE experts run the reference loop: the patch report says so (checked through
+    the notes function with a CUDA device; no GPU needed), and not on the CPU."""
+    from kernswap import MoEConfig, QuantConfig
+    from kernswap.patching.api import QUANT_EXPERTS_CUDA_NOTE, _tier_notes
+
+    req = {"quant": QuantConfig.from_any("int8"), "moe": MoEConfig()}
+    assert QUANT_EXPERTS_CUDA_NOTE in _tier_notes(req, torch.device("cuda"))
+    assert QUANT_EXPERTS_CUDA_NOTE not in _tier_notes(req, torch.device("cpu"))
+    assert QUANT_EXPERTS_CUDA_NOTE not in _tier_notes({"quant": None, "moe": MoEConfig()}, torch.device("cuda"))
 
 
 def test_exports_and_lazy_patching():

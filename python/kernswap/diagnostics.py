@@ -76,7 +76,9 @@ def info() -> Dict[str, Any]:
                     pick, skipped = "error", [f"{type(e).__name__}: {e}"]
                 picks[key] = {"backend": pick, "skipped": skipped}
         auto[device] = {"order": list(AUTO_TABLE.get(device, ())) + ["reference"], "quantized_linear": picks}
+    cuda = _cuda()
     return {
+        "fallbacks": _fallbacks(auto, cuda["available"]),
         "op_backends": _op_backends(),
         "kernswap": __version__,
         "torch": torch.__version__,
@@ -88,11 +90,29 @@ def info() -> Dict[str, Any]:
                                 "supported_isas": _ext.supported_isas(), "cpu_features": _ext.cpu_features(),
                                 "parallel": _ext.parallel_backend(), "dispatch": _ext.dispatch_report()},
         "threads": {"torch": torch.get_num_threads(), "cpu_count": os.cpu_count()},
-        "cuda": _cuda(),
+        "cuda": cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "backends": backends,
         "auto": auto,
     }
+
+
+def _fallbacks(auto: Dict[str, Any], have_cuda: bool) -> List[str]:
+    """Where `auto` runs the pure-PyTorch reference (slower than torch's own ops) on this machine: never silent.
+    The CUDA rows only where a GPU is present (without one nothing runs there)."""
+    from .patching.api import QUANT_EXPERTS_CUDA_NOTE
+
+    out = []
+    if not _ext.have_cpu_ext():
+        out.append(f"cpu: auto runs the pure-PyTorch reference of every op, slower than the unpatched model "
+                   f"(kernswap._C: {_ext.cpu_ext_reason()})")
+    for device in ("cpu", "cuda") if have_cuda else ("cpu",):
+        refs = [k for k, p in auto[device]["quantized_linear"].items() if p["backend"] == "reference"]
+        if refs and (device == "cuda" or _ext.have_cpu_ext()):
+            out.append(f"{device}: quantized_linear runs the pure-PyTorch reference for {', '.join(refs)}")
+    if have_cuda:
+        out.append(f"cuda: {QUANT_EXPERTS_CUDA_NOTE}")
+    return out
 
 
 def _format_cpu_dispatch(c: Dict[str, Any]) -> List[str]:
@@ -139,6 +159,9 @@ def format_info(d: Dict[str, Any] = None) -> str:
             lines.append(f"    {key:<16} -> {p['backend']}")
             skipped += [s for s in p["skipped"] if s not in skipped]
         lines += [f"    skipped {s}" for s in skipped]
+    fb = d.get("fallbacks") or []
+    lines.append("auto falls back to the pure-PyTorch reference: " + ("nowhere on this machine" if not fb else ""))
+    lines += [f"  {f}" for f in fb]
     for op, o in d.get("op_backends", {}).items():
         if "backends" not in o:
             lines.append(f"{op}: {o.get('reason')}")

@@ -255,9 +255,10 @@ def _describe(request: Dict[str, Any]) -> str:
         f", skip={request.get('skip')}, fuse={request.get('fuse')}"
 
 
-def _tier_notes(request: Dict[str, Any]) -> List[str]:
-    """The CPU tiers the swapped ops will run with on this machine, and where `auto` hands a shape class (or a
-    whole op) to torch's own path because kernswap's kernel is not faster there."""
+def _tier_notes(request: Dict[str, Any], device: torch.device) -> List[str]:
+    """The CPU tiers the swapped ops will run with on this machine, where `auto` hands a shape class (or a
+    whole op) to torch's own path because kernswap's kernel is not faster there, and where it falls back to the
+    pure-PyTorch reference (``device``: the model's)."""
     from .. import _ext
     from ..backends.cpu import tier_note
 
@@ -287,7 +288,20 @@ def _tier_notes(request: Dict[str, Any]) -> List[str]:
     if moe is not None and tier is not None:
         notes.append(f"fused MoE experts run kernswap's {tier} CPU kernels" + (
             " (portable loops: likely slower than transformers' experts on this CPU)" if tier == "scalar" else ""))
+    if moe is not None and device.type == "cuda" and (moe.quant is not None or cfg is not None):
+        notes.append(QUANT_EXPERTS_CUDA_NOTE)
     return notes
+
+
+# one statement of the gap, for the patch report and `python -m kernswap`
+QUANT_EXPERTS_CUDA_NOTE = ("quantized MoE experts have no GPU kernel yet: on CUDA they run the pure-PyTorch "
+                           "reference loop (expert by expert), slower than float experts; keep MoE experts in "
+                           "float on a GPU (MoEConfig(quant=None) with patch(quant=None)) for speed")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: FamilySpec, *,
@@ -306,7 +320,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
                    "moe": _name(request.get("moe")), "lm_head": _name(request.get("lm_head"))},
         notes=list(family.notes) + plan.notes,
     )
-    report.notes += _tier_notes(request)
+    report.notes += _tier_notes(request, _model_device(model))
     report.memory_before = module_memory(model)
     records: List[Any] = []
     try:
