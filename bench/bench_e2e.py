@@ -6,8 +6,8 @@
 
 Quality: perplexity on the first 8,192 tokens of gensim's lee_background.cor in 512-token windows, and the
 mean KL(fp32 || variant) of next-token distributions, for fp32, int8, w8a8, int4 (g128 sym), w4a8 (g128) and
-int4-g32-asym (the weights ship on a Q4_1 grid, asymmetric blocks of 32, so that format is nearly lossless on
-them). SmolLM2's hidden size 576 is not a multiple of 128: with int4/w4a8 (g128) those layers take group 64,
+int4-g32-asym / int4-g32-fzero (asymmetric blocks of 32 with integer / float zero-points: the weights ship on
+GGUF Q4_1's grid, float offsets per block of 32, which the float form expresses exactly). SmolLM2's hidden size 576 is not a multiple of 128: with int4/w4a8 (g128) those layers take group 64,
 as patch() reports. Speed: prefill time for 512 tokens and decode tokens/s (batch 1, 128 new tokens,
 greedy, fixed count) for the unpatched fp32 and bf16 models and each patched variant, in the same run;
 parameter (+buffer) memory. Writes bench/results/e2e-smollm2-<machine>.json.
@@ -39,13 +39,14 @@ NAME = "e2e"
 VARIANTS: Dict[str, Any] = {
     "fp32": None, "bf16": None, "int8": {"quant": "int8"}, "w8a8": {"quant": "w8a8"}, "int4": {"quant": "int4"},
     "w4a8": {"quant": "w4a8"}, "int4-g32-asym": {"quant": ("int4", 32, False)},
+    "int4-g32-fzero": {"quant": ("int4", 32, "float")},
     "int8+head": {"quant": "int8", "lm_head": True}, "w8a8+head": {"quant": "w8a8", "lm_head": True},
     "int4+head": {"quant": "int4", "lm_head": True},
 }
 # bf16 is a speed baseline only; every other variant and peer also gets perplexity and KL
 NO_QUALITY = ("bf16",)
 # quality only in the default grid (their speed is that of the int4 / w8a8 rows' kernels), timed with --full
-QUALITY_ONLY_DEFAULT = ("w4a8", "int4-g32-asym")
+QUALITY_ONLY_DEFAULT = ("w4a8", "int4-g32-asym", "int4-g32-fzero")
 # peers measured with --full only: torchao's int4 CPU path takes ~40 s per 512-token forward here
 FULL_ONLY = ("torchao-int4-hqq",)
 SLOW_ROUND_S = 10.0  # a model whose first timed round takes longer is not timed again (its one round counts)
@@ -71,8 +72,9 @@ def _patch_kwargs(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     kw = dict(spec)
     if isinstance(kw.get("quant"), tuple):
-        _, g, sym = kw["quant"]
-        kw["quant"] = kernswap.QuantConfig(weight_bits=4, group_size=g, symmetric=sym)
+        _, g, zero = kw["quant"]  # zero: False (integer zero-points) or "float"
+        kw["quant"] = kernswap.QuantConfig(weight_bits=4, group_size=g, symmetric=False,
+                                           zero_point="float" if zero == "float" else None)
     return kw
 
 

@@ -90,12 +90,12 @@ inline int64_t qpacked_bytes(const char* fn, int bits, int64_t N, int64_t K) {
   return mul(fn, padded_n(N), kk);
 }
 
-// Scales (fp32) and zero points (uint8) of one packed weight: [K / group_size, Np] (int8: [1, Np]).
+// Scales (fp32) and zero points (uint8 or fp32) of one packed weight: [K / group_size, Np] (int8: [1, Np]).
 inline int64_t qscale_count(const char* fn, int bits, int64_t group_size, int64_t N, int64_t K) {
   return mul(fn, bits == 8 ? 1 : K / group_size, padded_n(N));
 }
 
-// The packed weight, its scales and zero points for an [N, K] weight (bytes, floats, bytes).
+// The packed weight, its scales and zero points for an [N, K] weight (bytes, floats, elements).
 inline void check_weight(const char* fn, uintptr_t packed, int64_t packed_numel, int bits, int64_t group_size, int64_t N,
                   int64_t K, uintptr_t scale, int64_t scale_numel, uintptr_t zero, int64_t zero_numel) {
   check_qformat(fn, bits, group_size, K);

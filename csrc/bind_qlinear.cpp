@@ -22,7 +22,8 @@ DType dtype_of(int code, const char* what) {
 
 void qlinear_py(uintptr_t x, int64_t x_numel, int x_dtype, int64_t M, int64_t K, int64_t x_row_stride,
                 uintptr_t packed, int64_t packed_numel, int bits, int64_t group_size, int64_t N, uintptr_t scale,
-                int64_t scale_numel, uintptr_t zero, int64_t zero_numel, uintptr_t bias, int64_t bias_numel,
+                int64_t scale_numel, uintptr_t zero, int64_t zero_numel, bool zero_is_float, uintptr_t bias,
+                int64_t bias_numel,
                 uintptr_t y, int64_t y_numel, int y_dtype, int64_t y_row_stride, bool dynamic_act,
                 int num_threads) {
   const char* fn = "qlinear";
@@ -38,7 +39,8 @@ void qlinear_py(uintptr_t x, int64_t x_numel, int x_dtype, int64_t M, int64_t K,
        [&] { return dims({{"M", M}, {"N", N}, {"y_row_stride", y_row_stride}}); });
   QLinearArgs a{ptr_of<const void>(x), dtype_of(x_dtype, "x"), M, K, x_row_stride,
                 ptr_of<const uint8_t>(packed), bits, group_size, N, ptr_of<const float>(scale),
-                ptr_of<const uint8_t>(zero), ptr_of<const float>(bias), ptr_of<void>(y), dtype_of(y_dtype, "y"),
+                zero_is_float ? nullptr : ptr_of<const uint8_t>(zero), zero_is_float ? ptr_of<const float>(zero) : nullptr,
+                ptr_of<const float>(bias), ptr_of<void>(y), dtype_of(y_dtype, "y"),
                 y_row_stride, dynamic_act, num_threads < 1 ? 1 : num_threads};
   if (M == 0) return;
   py::gil_scoped_release release;
@@ -46,7 +48,8 @@ void qlinear_py(uintptr_t x, int64_t x_numel, int x_dtype, int64_t M, int64_t K,
 }
 
 void qdequant_py(uintptr_t packed, int64_t packed_numel, int bits, int64_t group_size, int64_t N, int64_t K,
-                 uintptr_t scale, int64_t scale_numel, uintptr_t zero, int64_t zero_numel, int64_t n0, int64_t n1,
+                 uintptr_t scale, int64_t scale_numel, uintptr_t zero, int64_t zero_numel, bool zero_is_float,
+                 int64_t n0, int64_t n1,
                  uintptr_t out, int64_t out_numel, int64_t ld, int num_threads) {
   const char* fn = "qdequant";
   at_least(fn, "K", K, 1);
@@ -59,7 +62,8 @@ void qdequant_py(uintptr_t packed, int64_t packed_numel, int bits, int64_t group
   need(fn, "out_numel", out, out_numel, span2(fn, "out", n1 - n0, K, ld),
        [&] { return dims({{"rows", n1 - n0}, {"K", K}, {"ld", ld}}); });
   QDequantArgs a{ptr_of<const uint8_t>(packed), bits, group_size, N, K, ptr_of<const float>(scale),
-                 ptr_of<const uint8_t>(zero), n0, n1, ptr_of<float>(out), ld, num_threads < 1 ? 1 : num_threads};
+                 zero_is_float ? nullptr : ptr_of<const uint8_t>(zero), zero_is_float ? ptr_of<const float>(zero) : nullptr,
+                 n0, n1, ptr_of<float>(out), ld, num_threads < 1 ? 1 : num_threads};
   if (n0 == n1) return;
   py::gil_scoped_release release;
   qdequant(a);
@@ -68,12 +72,12 @@ void qdequant_py(uintptr_t packed, int64_t packed_numel, int bits, int64_t group
 void bind(py::module_& m) {
   m.def("qdequant", &qdequant_py, py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("bits"),
         py::arg("group_size"), py::arg("N"), py::arg("K"), py::arg("scale_ptr"), py::arg("scale_numel"),
-        py::arg("zero_ptr"), py::arg("zero_numel"), py::arg("n0"), py::arg("n1"), py::arg("out_ptr"),
+        py::arg("zero_ptr"), py::arg("zero_numel"), py::arg("zero_is_float"), py::arg("n0"), py::arg("n1"), py::arg("out_ptr"),
         py::arg("out_numel"), py::arg("ld"), py::arg("num_threads"));
   m.def("qlinear", &qlinear_py, py::arg("x_ptr"), py::arg("x_numel"), py::arg("x_dtype"), py::arg("M"),
         py::arg("K"), py::arg("x_row_stride"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("bits"),
         py::arg("group_size"), py::arg("N"), py::arg("scale_ptr"), py::arg("scale_numel"), py::arg("zero_ptr"),
-        py::arg("zero_numel"), py::arg("bias_ptr"), py::arg("bias_numel"), py::arg("y_ptr"), py::arg("y_numel"),
+        py::arg("zero_numel"), py::arg("zero_is_float"), py::arg("bias_ptr"), py::arg("bias_numel"), py::arg("y_ptr"), py::arg("y_numel"),
         py::arg("y_dtype"), py::arg("y_row_stride"), py::arg("dynamic_act"), py::arg("num_threads"));
 }
 

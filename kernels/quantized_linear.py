@@ -105,14 +105,16 @@ if HAS_TRITON:
 
     @triton.jit
     def qlinear_kernel(
-        x_ptr, a_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+        x_ptr, a_scale_ptr, w_ptr, scale_ptr, zero_ptr, zero_f_ptr, bias_ptr, y_ptr,
         M, N, K, group_size, has_zero, has_bias,
         stride_xm, stride_wt, stride_sg, stride_ym,
         BITS: tl.constexpr, DYNAMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """y[M, N] = dequant(x) @ dequant(W).T (+ bias).  x_ptr: activations (weight-only) or the int8
-        rows of quantize_rows_kernel (DYNAMIC, with a_scale_ptr).  BITS=4: BLOCK_K divides group_size."""
+        rows of quantize_rows_kernel (DYNAMIC, with a_scale_ptr).  BITS=4: BLOCK_K divides group_size.
+        has_zero: 0 symmetric (zero 8), 1 uint8 zero-points (zero_ptr), 2 fp32 float zero-points (zero_f_ptr:
+        the dot runs on the raw codes and z * sum(x) is subtracted per group)."""
         X_FP32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -138,10 +140,15 @@ if HAS_TRITON:
         num_groups = K // group_size
         for g in range(0, num_groups):
             s = tl.load(scale_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)
-            if BITS == 4:  # has_zero is a run-time flag (one compiled variant for sym and asym)
+            zf = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            if BITS == 4:  # has_zero is a run-time flag (one compiled variant for sym and both asym forms)
                 z = tl.full([1, BLOCK_N], 8, tl.int32)
-                if has_zero != 0:
+                if has_zero == 1:
                     z = tl.load(zero_ptr + g * stride_sg + offs_n, mask=n_mask, other=8).to(tl.int32)[None, :]
+                if has_zero == 2:
+                    z = tl.zeros([1, BLOCK_N], dtype=tl.int32)
+                    zf = tl.load(zero_f_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[None, :]
+            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_TY)
             for k0 in range(g * group_size, g * group_size + group_size, BLOCK_K):
                 if BITS == 8:
@@ -161,7 +168,9 @@ if HAS_TRITON:
                     k = k0 + ((offs_p % KB) // 4) * 8 + offs_p % 4 + (offs_p // KB) * 4
                     xt = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None], other=0)
                     part = _dot(xt, wq.to(OP_TY), part, DYNAMIC, X_FP32)
-            acc += part.to(tl.float32) * s[None, :]
+                    if has_zero == 2:
+                        xsum += tl.sum(xt.to(tl.float32), axis=1)
+            acc += (part.to(tl.float32) - xsum[:, None] * zf) * s[None, :]
         if DYNAMIC:
             a_s = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
             acc = acc * a_s[:, None]
@@ -195,9 +204,11 @@ def launch_quantized_linear(x2d, packed, scale, zero, bias, bits: int, group_siz
         quantize_rows_kernel[(M,)](x2d, xin, a_scale, K, x2d.stride(0), xin.stride(0),
                                    BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(K)))
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
+    has_zero = 0 if zero is None else (2 if zero.dtype == torch.float32 else 1)
     qlinear_kernel[grid](
-        xin, a_scale, packed, scale, zero if zero is not None else packed.view(torch.uint8), bias if bias is not None else scale, y,
-        M, N, K, group_size if bits == 4 else K, int(zero is not None), int(bias is not None),
+        xin, a_scale, packed, scale, zero if has_zero == 1 else packed.view(torch.uint8),
+        zero if has_zero == 2 else scale, bias if bias is not None else scale, y,
+        M, N, K, group_size if bits == 4 else K, has_zero, int(bias is not None),
         xin.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
         BITS=bits, DYNAMIC=bool(dynamic_act),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -229,7 +240,7 @@ def aot_variants(dtypes=("fp16", "bf16", "fp32")) -> Iterator[AOTVariant]:
                             continue
                         seen.add(key)
                         sig = {"x_ptr": "*i8" if dynamic else _DT[dt], "a_scale_ptr": "*fp32",
-                               "w_ptr": "*i8" if bits == 8 else "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8",
+                               "w_ptr": "*i8" if bits == 8 else "*u8", "scale_ptr": "*fp32", "zero_ptr": "*u8", "zero_f_ptr": "*fp32",
                                "bias_ptr": "*fp32", "y_ptr": _DT[dt], "M": "i32", "N": "i32", "K": "i32",
                                "group_size": "i32", "has_zero": "i32", "has_bias": "i32", "stride_xm": "i32",
                                "stride_wt": "i32", "stride_sg": "i32", "stride_ym": "i32"}

@@ -35,6 +35,8 @@ FORMATS = {
     "int4-g128-asym": QuantConfig(4, 128, symmetric=False),
     "w4a8-g128": QuantConfig(4, 128, dynamic_activations=True),
     "w4a8-g32-asym": QuantConfig(4, 32, symmetric=False, dynamic_activations=True),
+    "int4-g32-fzero": QuantConfig(4, 32, symmetric=False, zero_point="float"),
+    "w4a8-g64-fzero": QuantConfig(4, 64, symmetric=False, zero_point="float", dynamic_activations=True),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

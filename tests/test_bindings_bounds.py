@@ -27,6 +27,7 @@ def _qlinear_kw(fmt="int4-g64-asym", m=3, n=24, k=64):
               packed_ptr=qw.packed.data_ptr(), packed_numel=qw.packed.numel(), bits=qw.bits,
               group_size=qw.group_size, N=n, scale_ptr=qw.scale.data_ptr(), scale_numel=qw.scale.numel(),
               zero_ptr=0 if qw.zero is None else qw.zero.data_ptr(), zero_numel=0 if qw.zero is None else qw.zero.numel(),
+              zero_is_float=qw.zero is not None and qw.zero.is_floating_point(),
               bias_ptr=bias.data_ptr(), bias_numel=n, y_ptr=y.data_ptr(), y_numel=y.numel(), y_dtype=0,
               y_row_stride=n, dynamic_act=False, num_threads=1)
     return kw, keep
@@ -147,7 +148,7 @@ def _qdequant(out_rows=10, n1=10, scale_cut=0):
         qw = quantize(torch.randn(24, 64), "int8")
         out = torch.empty(out_rows, 64)
         _ext.get_C().qdequant(qw.packed.data_ptr(), qw.packed.numel(), 8, 64, 24, 64, qw.scale.data_ptr(),
-                              qw.scale.numel() - scale_cut, 0, 0, 0, n1, out.data_ptr(), out.numel(), 64, 1)
+                              qw.scale.numel() - scale_cut, 0, 0, False, 0, n1, out.data_ptr(), out.numel(), 64, 1)
         return "no error"
     return run
 

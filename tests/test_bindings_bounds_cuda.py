@@ -29,7 +29,7 @@ def _qgemv_kw(fmt="int4-g64-asym", m=3, n=24, k=64):
                 packed_ptr=qw.packed.data_ptr(), packed_numel=qw.packed.numel(), bits=qw.bits,
                 group_size=qw.group_size if qw.bits == 4 else k, N=n, scale_ptr=qw.scale.data_ptr(),
                 scale_numel=qw.scale.numel(), zero_ptr=0 if qw.zero is None else qw.zero.data_ptr(),
-                zero_numel=0 if qw.zero is None else qw.zero.numel(), bias_ptr=bias.data_ptr(), bias_numel=n,
+                zero_numel=0 if qw.zero is None else qw.zero.numel(), zero_is_float=False, bias_ptr=bias.data_ptr(), bias_numel=n,
                 y_ptr=y.data_ptr(), y_numel=y.numel(), y_dtype=1, y_row_stride=n, stream=0)
 
 

@@ -22,7 +22,8 @@ def _layer(n=96, k=256, rows=2048, seed=0):
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(4, 32, method="gptq"), QuantConfig(4, 128, method="gptq"),
-                                 QuantConfig(4, 64, symmetric=False, method="gptq"), QuantConfig(8, method="gptq")],
+                                 QuantConfig(4, 64, symmetric=False, method="gptq"), QuantConfig(8, method="gptq"),
+                                 QuantConfig(4, 32, symmetric=False, zero_point="float", method="gptq")],
                          ids=lambda c: c.name)
 def test_output_error_below_rtn_and_mse(cfg):
     w, x = _layer()
@@ -30,7 +31,7 @@ def test_output_error_below_rtn_and_mse(cfg):
     h = xt.t() @ xt
     errs = {}
     for method in ("rtn", "mse", "gptq"):
-        c = QuantConfig(cfg.weight_bits, cfg.group_size, cfg.symmetric, method=method)
+        c = QuantConfig(cfg.weight_bits, cfg.group_size, cfg.symmetric, method=method, zero_point=cfg.zero_point)
         qw = quantize(w, c, h if method == "gptq" else None)
         errs[method] = ((xe @ qw.dequantize().t() - xe @ w.t()).norm() / (xe @ w.t()).norm()).item()
     assert errs["gptq"] < errs["rtn"] and errs["gptq"] < errs["mse"], errs

@@ -32,7 +32,8 @@ def test_qdequant_matches_format(isa, fmt, n, k, rows):
     with use_isa(isa):
         _ext.get_C().qdequant(qw.packed.data_ptr(), qw.packed.numel(), qw.bits, qw.group_size, n, k,
                               scale.data_ptr(), scale.numel(), 0 if zero is None else zero.data_ptr(),
-                              0 if zero is None else zero.numel(), rows[0], rows[1], out.data_ptr(), out.numel(), ld,
+                              0 if zero is None else zero.numel(), zero is not None and zero.is_floating_point(),
+                              rows[0], rows[1], out.data_ptr(), out.numel(), ld,
                               2)
     torch.testing.assert_close(out[:, :k], want, rtol=0, atol=0)
     assert torch.isnan(out[:, k:]).all(), "wrote past K in the padded leading dimension"

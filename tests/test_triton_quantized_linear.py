@@ -1,7 +1,7 @@
 """Triton quantized-linear kernels under TRITON_INTERPRET=1 (CPU) against the SPEC reference semantics.
 
-Every format (int8; int4 g32/g64/g128 symmetric and asymmetric), weight-only and dynamic activations (W8A8/W4A8),
-fp32 and fp16 activations, small odd shapes (M and N tails, int8 K tail), both default tile configs.
+Every format (int8; int4 g32/g64/g128 symmetric, asymmetric with integer and with float zero-points), weight-only
+and dynamic activations (W8A8/W4A8), fp32 and fp16 activations, small odd shapes (M and N tails, int8 K tail), both default tile configs.
 Tolerance: |ours - ref_fp64| <= 2 * |ref_same_dtype - ref_fp64| + K * 2^-24 * (|x| @ |W|^T + |b|), where
 ref_same_dtype is kernswap.reference (fp32 accumulation, output in x.dtype) and ref_fp64 is the same quantized
 semantics evaluated in float64.  bf16 is covered on a GPU (the interpreter does not emulate bf16 dots).
@@ -33,10 +33,11 @@ if not KM.HAS_TRITON:
 if DEVICE == "cpu" and not type(KM.qlinear_kernel).__name__.startswith("Interpreted"):
     KM = importlib.reload(KM)  # loaded earlier without TRITON_INTERPRET: re-decorate the kernels
 
-# (bits, group_size, symmetric)
+# (bits, group_size, symmetric: True, False (integer zero-points) or "float" (float zero-points))
 FORMATS = [(8, None, True), (4, 32, True), (4, 32, False), (4, 64, True), (4, 64, False), (4, 128, True),
-           (4, 128, False)]
-FMT_IDS = ["int8"] + [f"int4-g{g}-{'sym' if s else 'asym'}" for _, g, s in FORMATS[1:]]
+           (4, 128, False), (4, 32, "float"), (4, 128, "float")]
+FMT_IDS = ["int8"] + [f"int4-g{g}-{'sym' if s is True else 'fzero' if s == 'float' else 'asym'}"
+                      for _, g, s in FORMATS[1:]]
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -52,13 +53,13 @@ def _make(bits, g, sym, dyn, n, k):
     w = torch.randn(n, k)
     if bits == 8:
         return quantize_int8(w, dynamic_activations=dyn).to(DEVICE)
-    return quantize_int4(w, g, sym, dynamic_activations=dyn).to(DEVICE)
+    return quantize_int4(w, g, sym is True, dynamic_activations=dyn, float_zero=sym == "float").to(DEVICE)
 
 
 def _w64(qw):
-    q, scale, zero = qw.unpack()  # [N,K] int32, [N, K/G] fp32, [N, K/G] int32
+    q, scale, zero = qw.unpack()  # [N,K] int32, [N, K/G] fp32, [N, K/G] int32 (fp32: float zero-points)
     g = qw.group_size
-    return (q - zero.repeat_interleave(g, dim=1)).double() * scale.double().repeat_interleave(g, dim=1)
+    return (q.double() - zero.double().repeat_interleave(g, dim=1)) * scale.double().repeat_interleave(g, dim=1)
 
 
 def _ref64_and_mag(x, qw, bias, dyn):

@@ -295,6 +295,7 @@ QLinearArgs qargs(const MoEQuantWeight& q, int64_t e, const float* x, int64_t M,
   l.N = N;
   l.scale = q.scale + e * q.scale_stride;
   l.zero = q.zero ? q.zero + e * q.zero_stride : nullptr;
+  l.zero_f = nullptr;  // stacked experts store integer zero-points only
   l.bias = nullptr;
   l.y = y;
   l.y_dtype = DType::F32;

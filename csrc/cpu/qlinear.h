@@ -25,7 +25,9 @@ struct QLinearArgs {
   int64_t group_size;     // int4: 32/64/128; int8: ignored (per output channel)
   int64_t N;
   const float* scale;     // [K/G, Np] (int8: [1, Np])
-  const uint8_t* zero;    // [K/G, Np] for asymmetric int4, else nullptr
+  const uint8_t* zero;    // [K/G, Np] integer zero-points for asymmetric int4, else nullptr
+  const float* zero_f;    // [K/G, Np] float zero-points for asymmetric int4 (w = (q - z) * s), else nullptr;
+                          // at most one of zero / zero_f is set
   const float* bias;      // [N] or nullptr
   void* y;                // [M, N] output, row stride y_row_stride (elements)
   DType y_dtype;
@@ -35,18 +37,26 @@ struct QLinearArgs {
 };
 
 // Rows [n0, n1) of a packed weight (same layouts and fields as QLinearArgs) dequantized to fp32:
-// out[(n - n0) * ld + k] = (q - zero) * scale, k < K.
+// out[(n - n0) * ld + k] = (q - zero) * scale, k < K (zero from zero or zero_f, 8 when neither is set).
 struct QDequantArgs {
   const uint8_t* packed;
   int bits;
   int64_t group_size, N, K;
   const float* scale;
   const uint8_t* zero;
+  const float* zero_f;
   int64_t n0, n1;
   float* out;
   int64_t ld;
   int num_threads;
 };
+
+// Zero-point of int4 weight element i of the [K/G, Np] arrays: integer, float or the implicit 8 (QLinearArgs and
+// QDequantArgs alike).
+template <class Args>
+inline float zero_of(const Args& a, int64_t i) {
+  return a.zero ? static_cast<float>(a.zero[i]) : a.zero_f ? a.zero_f[i] : 8.f;
+}
 
 // Entry points: the kernel of the active tier (registry in qlinear.cpp, see dispatch.h).
 void qlinear(const QLinearArgs& args);

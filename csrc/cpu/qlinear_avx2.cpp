@@ -39,7 +39,7 @@ inline void dequant_tile_avx2(const QDequantArgs& a, int64_t t, int64_t r0, int6
     float* o1 = o0 + a.ld;
     for (int64_t g = 0; g < a.K / a.group_size; ++g) {
       const int64_t i = g * Np + n0 + 2 * r;
-      const float z0 = a.zero ? static_cast<float>(a.zero[i]) : 8.f, z1 = a.zero ? static_cast<float>(a.zero[i + 1]) : 8.f;
+      const float z0 = zero_of(a, i), z1 = zero_of(a, i + 1);
       const __m256 sc = _mm256_setr_m128(_mm_set1_ps(a.scale[i]), _mm_set1_ps(a.scale[i + 1]));
       const __m256 zs = _mm256_setr_m128(_mm_set1_ps(z0), _mm_set1_ps(z1));
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 8) {

@@ -185,7 +185,7 @@ inline void prepare_acts(const Plan& p, const QLinearArgs& a, Acts& acts) {
 // Zero-point of weight group g for output column n, as the kernels use it (unsigned weight lanes).
 inline float zero_point(const Plan& p, const QLinearArgs& a, int64_t g, int64_t n) {
   if (p.bits == 8) return 128.f;  // int8 q is fed as q ^ 0x80 == q + 128
-  return a.zero ? static_cast<float>(a.zero[g * p.Np + n]) : 8.f;
+  return zero_of(a, g * p.Np + n);
 }
 
 // Writes vals[0, count) (+ bias) to row m, columns [n0, n0 + count), in the output dtype.

@@ -38,7 +38,7 @@ inline void dequant_tile_plain(const QDequantArgs& a, int64_t t, int64_t r0, int
     float* dst = a.out + (n - a.n0) * a.ld;
     for (int64_t g = 0; g < a.K / a.group_size; ++g) {
       const float s = a.scale[g * Np + n];
-      const float z = a.zero ? static_cast<float>(a.zero[g * Np + n]) : 8.f;
+      const float z = zero_of(a, g * Np + n);
       for (int64_t o = g * a.group_size / 8; o < (g + 1) * a.group_size / 8; ++o)
         for (int j = 0; j < 4; ++j) {
           const uint8_t b = tile[o * 64 + nn * 4 + j];

@@ -65,9 +65,10 @@ __attribute__((noinline)) void dequant_chunk4(const QLinearArgs& a, const FmaGeo
       const int64_t i = (k / gs) * g.Np + t * 16;
       for (int h = 0; h < 2; ++h) {
         sc[h] = _mm256_loadu_ps(a.scale + i + 8 * h);
-        zp[h] = a.zero ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zero + i + 8 * h))))
-                       : _mm256_set1_ps(8.f);
+        zp[h] = a.zero     ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                 _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zero + i + 8 * h))))
+                : a.zero_f ? _mm256_loadu_ps(a.zero_f + i + 8 * h)
+                           : _mm256_set1_ps(8.f);
       }
     }
     _mm_prefetch(reinterpret_cast<const char*>(tile + k * 8 + kPrefetch), _MM_HINT_T0);

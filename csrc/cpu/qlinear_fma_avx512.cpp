@@ -49,8 +49,9 @@ __attribute__((noinline)) void dequant_chunk4(const QLinearArgs& a, const FmaGeo
     if (k == k0 || k % gs == 0) {  // a new group: its 16 scales and zero-points
       const int64_t i = (k / gs) * g.Np + t * 16;
       sc = _mm512_loadu_ps(a.scale + i);
-      zp = a.zero ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zero + i))))
-                  : _mm512_set1_ps(8.f);
+      zp = a.zero     ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zero + i))))
+           : a.zero_f ? _mm512_loadu_ps(a.zero_f + i)
+                      : _mm512_set1_ps(8.f);
     }
     _mm_prefetch(reinterpret_cast<const char*>(tile + k * 8 + kPrefetch), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(tile + k * 8);

@@ -128,9 +128,10 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
       const __m256 sw = _mm256_loadu_ps(a.scale + g * p.Np + n0 + 8 * h);
       __m256 zf = _mm256_set1_ps(KS_QL_VNNI ? 128.f : 0.f);
       if constexpr (BITS == 4) {
-        zf = a.zero ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zero + g * p.Np + n0 + 8 * h))))
-                    : _mm256_set1_ps(8.f);
+        zf = a.zero     ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zero + g * p.Np + n0 + 8 * h))))
+             : a.zero_f ? _mm256_loadu_ps(a.zero_f + g * p.Np + n0 + 8 * h)
+                        : _mm256_set1_ps(8.f);
       }
       KS_UNROLL
       for (int m = 0; m < MR; ++m) {

@@ -162,6 +162,8 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
         zf = _mm512_set1_ps(KS_QL_VNNI ? 128.f : 0.f);  // q ^ 0x80 == q + 128; the sign trick keeps q signed
       } else if (a.zero) {
         zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zero + g * p.Np + n0))));
+      } else if (a.zero_f) {
+        zf = _mm512_loadu_ps(a.zero_f + g * p.Np + n0);
       } else {
         zf = _mm512_set1_ps(8.f);
       }

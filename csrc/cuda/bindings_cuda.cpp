@@ -23,7 +23,7 @@ P* as_ptr(std::uintptr_t v) {
 void qgemv(std::uintptr_t x_ptr, int64_t x_numel, int x_dtype, int64_t M, int64_t K, int64_t x_row_stride,
            std::uintptr_t packed_ptr, int64_t packed_numel, int bits, int64_t group_size, int64_t N,
            std::uintptr_t scale_ptr, int64_t scale_numel, std::uintptr_t zero_ptr, int64_t zero_numel,
-           std::uintptr_t bias_ptr, int64_t bias_numel, std::uintptr_t y_ptr, int64_t y_numel, int y_dtype,
+           bool zero_is_float, std::uintptr_t bias_ptr, int64_t bias_numel, std::uintptr_t y_ptr, int64_t y_numel, int y_dtype,
            int64_t y_row_stride, std::uintptr_t stream) {
   using namespace kernswap::bind;
   const char* fn = "qgemv";
@@ -42,8 +42,9 @@ void qgemv(std::uintptr_t x_ptr, int64_t x_numel, int x_dtype, int64_t M, int64_
   {
     py::gil_scoped_release nogil;
     rc = kernswap::cuda::qgemv(as_ptr<const void>(x_ptr), x_dtype, M, K, x_row_stride, as_ptr<const void>(packed_ptr),
-                               bits, group_size, N, as_ptr<const float>(scale_ptr), as_ptr<const uint8_t>(zero_ptr),
-                               as_ptr<const float>(bias_ptr), as_ptr<void>(y_ptr), y_dtype, y_row_stride, stream);
+                               bits, group_size, N, as_ptr<const float>(scale_ptr),
+                               zero_is_float ? nullptr : as_ptr<const uint8_t>(zero_ptr),
+                               zero_is_float ? as_ptr<const float>(zero_ptr) : nullptr, as_ptr<const float>(bias_ptr), as_ptr<void>(y_ptr), y_dtype, y_row_stride, stream);
   }
   if (rc < 0) throw std::invalid_argument(kernswap::cuda::error_string(rc));
   if (rc > 0) throw std::runtime_error(std::string("kernswap._C_cuda.qgemv: CUDA error ") + std::to_string(rc) + ": " +
@@ -80,10 +81,10 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("qgemv", &qgemv, py::arg("x_ptr"), py::arg("x_numel"), py::arg("x_dtype"), py::arg("M"), py::arg("K"),
         py::arg("x_row_stride"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("bits"),
         py::arg("group_size"), py::arg("N"), py::arg("scale_ptr"), py::arg("scale_numel"), py::arg("zero_ptr"),
-        py::arg("zero_numel"), py::arg("bias_ptr"), py::arg("bias_numel"), py::arg("y_ptr"), py::arg("y_numel"),
-        py::arg("y_dtype"), py::arg("y_row_stride"), py::arg("stream"),
+        py::arg("zero_numel"), py::arg("zero_is_float"), py::arg("bias_ptr"), py::arg("bias_numel"), py::arg("y_ptr"),
+        py::arg("y_numel"), py::arg("y_dtype"), py::arg("y_row_stride"), py::arg("stream"),
         "y[M,N] = x[M,K] @ dequant(W)^T (+ bias).  dtype codes 1 = bf16, 2 = fp16 (x and y equal); zero_ptr / "
-        "bias_ptr 0 when absent; strides in elements; each *_numel: the elements the buffer holds from its "
+        "bias_ptr 0 when absent (zero_is_float: fp32 float zero-points, else uint8); strides in elements; each *_numel: the elements the buffer holds from its "
         "address (checked against every size and stride before launching); stream = cudaStream_t as int.  "
         "Raises ValueError on bad arguments, RuntimeError on a CUDA launch error.");
   m.attr("MAX_M_FAST") = 16;

@@ -116,8 +116,8 @@ template <typename T, int BITS, int MT>
 __global__ void __launch_bounds__(kWarps * 32)
 qgemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t xs, const uint8_t* __restrict__ packed,
              int64_t row_bytes, int64_t steps, int64_t group_size, int64_t N, int64_t Np,
-             const float* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ bias,
-             T* __restrict__ y, int64_t ys, bool xvec) {
+             const float* __restrict__ scale, const uint8_t* __restrict__ zero, const float* __restrict__ zero_f,
+             const float* __restrict__ bias, T* __restrict__ y, int64_t ys, bool xvec) {
   constexpr int KPS = BITS == 8 ? 4 : 8;  // k per 64-byte step
   __shared__ float red[kWarps][MT][kTileN];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -137,6 +137,7 @@ qgemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t xs, const ui
     const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};  // word j: 4 bytes of channel n0 + j
     float w[4][KPS];
     float s4[4] = {1.f, 1.f, 1.f, 1.f};
+    float fz[4] = {0.f, 0.f, 0.f, 0.f};  // float zero-points: sum (q - z) x = sum q x - z sum x
     if constexpr (BITS == 8) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -152,6 +153,11 @@ qgemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t xs, const ui
       s4[0] = sc.x; s4[1] = sc.y; s4[2] = sc.z; s4[3] = sc.w;
       uint32_t zw = 0x08080808u;
       if (zero != nullptr) zw = __ldg(reinterpret_cast<const unsigned int*>(zero + g * Np + n0));
+      if (zero_f != nullptr) {
+        const float4 zv = __ldg(reinterpret_cast<const float4*>(zero_f + g * Np + n0));
+        fz[0] = zv.x; fz[1] = zv.y; fz[2] = zv.z; fz[3] = zv.w;
+        zw = 0;
+      }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float zf = kMagic + float((zw >> (8 * j)) & 0xFF);
@@ -167,9 +173,14 @@ qgemv_kernel(const T* __restrict__ x, int64_t M, int64_t K, int64_t xs, const ui
       if (m0 + m < M) {
         float xf[KPS];
         load_x<T, KPS>(x + (m0 + m) * xs, s * KPS, K, xvec, xf);
+        float xsum = 0.f;
+        if (BITS == 4 && zero_f != nullptr) {
+#pragma unroll
+          for (int i = 0; i < KPS; ++i) xsum += xf[i];
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          float p = 0.f;
+          float p = -fz[j] * xsum;
 #pragma unroll
           for (int i = 0; i < KPS; ++i) p = fmaf(w[j][i], xf[i], p);
           acc[m][j] = (BITS == 8) ? acc[m][j] + p : fmaf(p, s4[j], acc[m][j]);
@@ -213,20 +224,24 @@ const char* error_string(int code) {
     case -1: return "qgemv: x_dtype and y_dtype must both be 1 (bf16) or both be 2 (fp16)";
     case -2: return "qgemv: bits must be 8 or 4";
     case -3: return "qgemv: int4 needs group_size in {32, 64, 128} dividing K";
-    case -4: return "qgemv: packed must be 16-byte aligned, scale 16-byte and zero 4-byte aligned";
+    case -4: return "qgemv: packed must be 16-byte aligned, scale and float zero 16-byte, integer zero 4-byte aligned";
+    case -6: return "qgemv: pass integer (zero) or float (zero_f) zero-points, not both";
     case -5: return "qgemv: sizes must be non-negative";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "qgemv: unknown error";
   }
 }
 
 int qgemv(const void* x, int x_dtype, int64_t M, int64_t K, int64_t x_row_stride, const void* packed, int bits,
-          int64_t group_size, int64_t N, const float* scale, const uint8_t* zero, const float* bias, void* y,
-          int y_dtype, int64_t y_row_stride, std::uintptr_t stream) {
+          int64_t group_size, int64_t N, const float* scale, const uint8_t* zero, const float* zero_f,
+          const float* bias, void* y, int y_dtype, int64_t y_row_stride, std::uintptr_t stream) {
   if (x_dtype != y_dtype || (x_dtype != kBFloat16 && x_dtype != kFloat16)) return -1;
   if (bits != 8 && bits != 4) return -2;
   if (M < 0 || N < 0 || K < 0) return -5;
   if (bits == 4 && (!(group_size == 32 || group_size == 64 || group_size == 128) || K % group_size != 0)) return -3;
-  if (!aligned(packed, 16) || (bits == 4 && (!aligned(scale, 16) || (zero && !aligned(zero, 4))))) return -4;
+  if (zero && zero_f) return -6;
+  if (!aligned(packed, 16) ||
+      (bits == 4 && (!aligned(scale, 16) || (zero && !aligned(zero, 4)) || (zero_f && !aligned(zero_f, 16)))))
+    return -4;
   if (M == 0 || N == 0) return 0;
   const int64_t Np = (N + kTileN - 1) / kTileN * kTileN;
   const int64_t Kp = bits == 8 ? (K + 3) / 4 * 4 : K;
@@ -242,7 +257,8 @@ int qgemv(const void* x, int x_dtype, int64_t M, int64_t K, int64_t x_row_stride
         dim3 grid(static_cast<unsigned>(Np / kTileN), static_cast<unsigned>((M + MT - 1) / MT));
         qgemv_kernel<T, BITS, MT><<<grid, kWarps * 32, 0, st>>>(
             static_cast<const T*>(x), M, K, x_row_stride, static_cast<const uint8_t*>(packed), row_bytes, steps,
-            bits == 8 ? K : group_size, N, Np, scale, zero, bias, static_cast<T*>(y), y_row_stride, xvec);
+            bits == 8 ? K : group_size, N, Np, scale, bits == 4 ? zero : nullptr, bits == 4 ? zero_f : nullptr, bias,
+            static_cast<T*>(y), y_row_stride, xvec);
       });
     });
   });

@@ -31,6 +31,7 @@ def bad_backend(field: str, what: str, backend: Backend, why: str) -> ValueError
 
 
 _INT4_GROUPS = (32, 64, 128)
+ZERO_POINTS = ("int", "float")  # QuantConfig.zero_point of asymmetric int4
 
 
 
@@ -44,6 +45,9 @@ class QuantConfig:
     method: how the scales are chosen, without calibration data: "rtn" (max|w| onto the largest code) or "mse"
       (per group the scale, and for asymmetric int4 the range, of least squared error). Default: "mse" for int4,
       "rtn" for int8.
+    zero_point: for asymmetric int4 (symmetric=False), "int" (uint8 zero-points 0..15, the range widened to hold
+      0) or "float" (fp32 zero-points: each group's own [min, max] onto the 16 codes, GGUF Q4_1's grid; 3 more
+      bytes per group and column). Left at None it is "int"; symmetric formats take None only.
     """
 
     weight_bits: int = 8
@@ -52,6 +56,7 @@ class QuantConfig:
     dynamic_activations: bool = False
     backend: Union[str, Backend] = Backend.AUTO
     method: Optional[str] = None
+    zero_point: Optional[str] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str, got: object) -> ValueError:
@@ -70,6 +75,14 @@ class QuantConfig:
         else:
             if isinstance(self.group_size, bool) or self.group_size not in _INT4_GROUPS:
                 raise bad("group_size", f"one of {list(_INT4_GROUPS)} for weight_bits=4", self.group_size)
+        if self.symmetric or self.weight_bits == 8:
+            if self.zero_point is not None:
+                raise bad("zero_point", "None for symmetric formats (their zero-point is implicit)", self.zero_point)
+        else:
+            if self.zero_point is None:
+                object.__setattr__(self, "zero_point", "int")
+            if self.zero_point not in ZERO_POINTS:
+                raise bad("zero_point", f"one of {list(ZERO_POINTS)} for asymmetric int4", self.zero_point)
         object.__setattr__(self, "backend", normalize_backend(self.backend, "QuantConfig.backend"))
         if self.method is None:  # the default: error-minimising scales for int4, round-to-nearest for int8
             object.__setattr__(self, "method", "mse" if self.weight_bits == 4 else "rtn")
@@ -88,8 +101,13 @@ class QuantConfig:
         else:
             base = ("w4a8" if self.dynamic_activations else "int4") + f"-g{self.group_size}"
             if not self.symmetric:
-                base += "-asym"
+                base += "-fzero" if self.float_zero else "-asym"
         return base
+
+    @property
+    def float_zero(self) -> bool:
+        """Asymmetric int4 with float zero-points (zero_point="float")."""
+        return self.zero_point == "float"
 
     @classmethod
     def from_any(cls, x: Union["QuantConfig", str]) -> "QuantConfig":
@@ -179,9 +197,7 @@ class MoEConfig:
     quant: None (experts keep their float weights, or take patch()'s ``quant=`` when that is given) | a
       QuantConfig or shortcut ("int8", "int4", "w8a8", "w4a8") for the experts only.
     backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
-    method: how the scales are chosen, without calibration data: "rtn" (max|w| onto the largest code) or "mse"
-      (per group the scale, and for asymmetric int4 the range, of least squared error). Default: "mse" for int4,
-      "rtn" for int8.
+    The experts' formats store integer zero-points only (an asymmetric quant takes zero_point="int").
     """
 
     quant: Union[None, str, QuantConfig] = None

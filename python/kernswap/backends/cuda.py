@@ -74,7 +74,7 @@ def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
         return y
     packed = _aligned(packed, 16)  # 128-bit weight loads
     scale = _aligned(scale.to(torch.float32), 16)
-    zero = None if zero is None else _aligned(zero, 4)
+    zero = None if zero is None else _aligned(zero, 16 if zero.is_floating_point() else 4)  # fp32: float4 loads
     if bias is not None:
         bias = bias.to(device=dev, dtype=torch.float32).contiguous()
     code = _DTYPE_CODE[x2d.dtype]
@@ -82,6 +82,7 @@ def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
         stream = torch.cuda.current_stream(dev).cuda_stream
         mod.qgemv(x2d.data_ptr(), extent(x2d), code, M, K, x2d.stride(0), packed.data_ptr(), extent(packed),
                   int(bits), int(group_size) if bits == 4 else K, N, scale.data_ptr(), extent(scale),
-                  0 if zero is None else zero.data_ptr(), extent(zero), 0 if bias is None else bias.data_ptr(),
+                  0 if zero is None else zero.data_ptr(), extent(zero), zero is not None and zero.is_floating_point(),
+                  0 if bias is None else bias.data_ptr(),
                   extent(bias), y.data_ptr(), extent(y), code, y.stride(0), stream)
     return y

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..formats.scale_search import search_asymmetric, search_symmetric
+from ..formats.scale_search import search_asymmetric, search_float_zero, search_symmetric
 
 __all__ = ["gptq_quantize"]
 
@@ -22,13 +22,14 @@ BLOCK = 128
 DAMP = 0.01
 
 
-def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool, float_zero: bool = False
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(scale [N], zero [N] or None) for the columns w [N, g] of one group (int8: one group, the whole row)."""
     if bits == 8:
         return search_symmetric(w, -127, 127)[0], None
     if symmetric:
         return search_symmetric(w, -8, 7)[0], None
-    s, z, _ = search_asymmetric(w)
+    s, z, _ = (search_float_zero if float_zero else search_asymmetric)(w)
     return s, z
 
 
@@ -39,7 +40,7 @@ def _codes(w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor], bits: in
         return torch.clamp(torch.round(w / safe), -127, 127)
     if z is None:
         return torch.clamp(torch.round(w / safe), -8, 7)
-    return torch.clamp(torch.round(w / safe) + z, 0, 15)
+    return torch.clamp(torch.round(w / safe + z), 0, 15)  # z integer or float
 
 
 def _dequant(q, s, z):
@@ -47,10 +48,12 @@ def _dequant(q, s, z):
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  damp: float = DAMP) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                  damp: float = DAMP, float_zero: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """w: float [N, K]; hessian: [K, K] (sum of x x^T over the calibration rows, any positive scaling). Returns
     (codes [N, K] float, scale [N, K // group], zero [N, K // group] or None) in the format's code ranges
-    (int8 and symmetric int4 signed, asymmetric int4 0..15); int8 has one group (group_size = K)."""
+    (int8 and symmetric int4 signed, asymmetric int4 0..15); int8 has one group (group_size = K). float_zero:
+    asymmetric int4 with float zero-points (search_float_zero's group parameters)."""
     W = w.detach().to(torch.float64).clone()
     n, k = W.shape
     H = hessian.detach().to(torch.float64).clone()
@@ -87,7 +90,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             if col % g == 0:  # a new group: its scale from the weights as updated so far
                 gi = col // g
                 grp = torch.cat([W1[:, i:], W[:, b1:]], dim=1)[:, :g]
-                sg, zg = _group_params(grp.float(), bits, symmetric)
+                sg, zg = _group_params(grp.float(), bits, symmetric, float_zero)
                 s, z = sg.double(), (None if zg is None else zg.double())
                 S[:, gi] = s
                 if Z is not None:

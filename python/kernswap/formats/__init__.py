@@ -1,4 +1,6 @@
 """Quantized weight formats. Each is defined once: quantize/pack, unpack, dequantize."""
+import torch
+
 from .base import TILE_N, QuantizedWeight, layout, padded_n
 from .int4 import int4_from_codes, pack_int4, quantize_int4, unpack_int4
 from .int8 import int8_from_codes, pack_int8, quantize_int8, unpack_int8
@@ -18,7 +20,7 @@ def quantize(w, config, hessian=None) -> QuantizedWeight:
     if cfg.weight_bits == 8:
         return quantize_int8(w, dynamic_activations=cfg.dynamic_activations, method=cfg.method)
     return quantize_int4(w, cfg.group_size, cfg.symmetric, dynamic_activations=cfg.dynamic_activations,
-                         method=cfg.method)
+                         method=cfg.method, float_zero=cfg.float_zero)
 
 
 def _quantize_gptq(w, cfg, hessian) -> QuantizedWeight:
@@ -32,7 +34,9 @@ def _quantize_gptq(w, cfg, hessian) -> QuantizedWeight:
     g = cfg.group_size if cfg.weight_bits == 4 else w.shape[1]
     if cfg.weight_bits == 4 and w.shape[1] % g:
         raise ValueError(f"quantize_int4: in_features must be divisible by group_size={g}, got {w.shape[1]}")
-    q, s, z = gptq_quantize(w, hessian, cfg.weight_bits, g, cfg.symmetric)
+    q, s, z = gptq_quantize(w, hessian, cfg.weight_bits, g, cfg.symmetric, float_zero=cfg.float_zero)
     if cfg.weight_bits == 8:
         return int8_from_codes(q, s[:, 0], cfg.dynamic_activations)
+    if z is not None and not cfg.float_zero:
+        z = z.round().to(torch.int32)  # integer zero-points (gptq_quantize returns them as floats)
     return int4_from_codes(q if z is not None else q + 8, s, z, g, cfg.dynamic_activations)

@@ -4,7 +4,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["QuantizedWeight", "TILE_N", "padded_n", "layout", "check_format"]
+__all__ = ["QuantizedWeight", "TILE_N", "padded_n", "layout", "check_format", "ZERO_DTYPES", "is_float_zero"]
 
 TILE_N = 16
 
@@ -14,9 +14,18 @@ def padded_n(n: int) -> int:
     return (n + TILE_N - 1) // TILE_N * TILE_N
 
 
-def layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int
-           ) -> Dict[str, Optional[Tuple[Tuple[int, ...], torch.dtype]]]:
-    """Shapes and dtypes of the stored tensors: {'packed': (shape, dtype), 'scale': ..., 'zero': ... or None}."""
+ZERO_DTYPES = (torch.uint8, torch.float32)  # int4 zero-points: integer (0..15) or float (any real), w = (q - z) * s
+
+
+def is_float_zero(zero) -> bool:
+    """Whether a stored zero-point tensor holds float zero-points (the format is told by its dtype)."""
+    return isinstance(zero, torch.Tensor) and zero.dtype == torch.float32
+
+
+def layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int,
+           float_zero: bool = False) -> Dict[str, Optional[Tuple[Tuple[int, ...], torch.dtype]]]:
+    """Shapes and dtypes of the stored tensors: {'packed': (shape, dtype), 'scale': ..., 'zero': ... or None}.
+    float_zero: asymmetric int4 with float zero-points (fp32, one per group and column) instead of uint8 ones."""
     n, k, np_ = out_features, in_features, padded_n(out_features)
     if bits == 8:
         kp = (k + 3) // 4 * 4
@@ -26,18 +35,18 @@ def layout(bits: int, group_size: int, symmetric: bool, out_features: int, in_fe
         ng = k // group_size
         return {"packed": ((np_ // TILE_N, k * 8), torch.uint8),
                 "scale": ((ng, np_), torch.float32),
-                "zero": None if symmetric else ((ng, np_), torch.uint8)}
+                "zero": None if symmetric else ((ng, np_), ZERO_DTYPES[int(bool(float_zero))])}
     raise ValueError(f"bits must be 8 or 4, got {bits!r}")
 
 
-_LAYOUTS: Dict[tuple, tuple] = {}  # (bits, group_size, symmetric, out_features, in_features) that passed -> layout
+_LAYOUTS: Dict[tuple, tuple] = {}  # (bits, group_size, symmetric, out_features, in_features, float_zero) -> layout
 
 
 def _layout(key: tuple) -> tuple:
     """layout() as ((name, spec), ...) in packed, scale, zero order for a format key that passed check_format's
     checks; memoised (every eager call of the quantized-linear checks asks), computed afresh while torch.compile
     traces and for symbolic sizes (a SymInt does not hash)."""
-    d = layout(key[0], key[1], key[2], key[3], key[4])
+    d = layout(*key)
     spec = tuple((name, d[name]) for name in ("packed", "scale", "zero"))
     if not torch.compiler.is_compiling() and len(_LAYOUTS) < 4096 and all(type(v) in (int, bool) for v in key):
         _LAYOUTS[key] = spec
@@ -55,8 +64,9 @@ def check_format(head: str, attr: str, packed, scale, zero, bits, group_size, sy
     dtypes against :func:`layout`. Used by QuantizedWeight (at construction) and by the quantized-linear op's
     checking function on every call (a QuantizedWeight edited after construction is caught there); ``head``
     prefixes sentences ("QuantizedWeight: "), ``attr`` the tensors' names ("QuantizedWeight."). ``lead``: leading
-    dims of stacked weights (QuantizedExperts: (num_experts,))."""
-    key = (bits, group_size, symmetric, out_features, in_features)
+    dims of stacked weights (QuantizedExperts: (num_experts,)). The zero-points' dtype tells integer from float
+    ones (ZERO_DTYPES)."""
+    key = (bits, group_size, symmetric, out_features, in_features, is_float_zero(zero))
     spec = None
     if not torch.compiler.is_compiling():
         try:
@@ -78,7 +88,9 @@ def check_format(head: str, attr: str, packed, scale, zero, bits, group_size, sy
         if lead:
             shape = lead + shape
         if t.dtype != dtype or t.shape != shape:
-            raise ValueError(f"{attr}{name} must be {dtype} of shape {list(shape)}, "
+            want = (f"{ZERO_DTYPES[0]} (integer zero-points) or {ZERO_DTYPES[1]} (float ones)" if name == "zero"
+                    else str(dtype))
+            raise ValueError(f"{attr}{name} must be {want} of shape {list(shape)}, "
                              f"got {t.dtype} of shape {list(t.shape)}")
 
 
@@ -104,7 +116,8 @@ class QuantizedWeight:
     """A packed quantized [out_features, in_features] weight.
 
     group_size == in_features for int8 (one scale per output channel). For int4 symmetric the zero point is
-    the implicit 8 and ``zero`` is None.
+    the implicit 8 and ``zero`` is None; asymmetric int4 stores one zero-point per group and column, uint8
+    (integer, 0..15) or fp32 (float: any offset, the min-offset grid of GGUF's Q4_1), w = (q - zero) * scale.
     """
 
     packed: torch.Tensor
@@ -131,7 +144,12 @@ class QuantizedWeight:
         if self.bits == 8:
             return "w8a8" if self.dynamic_activations else "int8"
         name = ("w4a8" if self.dynamic_activations else "int4") + f"-g{self.group_size}"
-        return name if self.symmetric else name + "-asym"
+        return name if self.symmetric else name + ("-fzero" if self.float_zero else "-asym")
+
+    @property
+    def float_zero(self) -> bool:
+        """Asymmetric int4 with float zero-points."""
+        return is_float_zero(self.zero)
 
     def to(self, device) -> "QuantizedWeight":
         """Move to a device (the packed layout is device-independent)."""
@@ -142,7 +160,8 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero) if t is not None)
 
     def unpack(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q int32 [N,K], scale fp32 [N, K//G], zero int32 [N, K//G]); w = (q - zero) * scale."""
+        """(q int32 [N,K], scale fp32 [N, K//G], zero [N, K//G]: int32, or fp32 for float zero-points);
+        w = (q - zero) * scale."""
         from . import int4, int8
 
         n, k = self.out_features, self.in_features
@@ -154,7 +173,8 @@ class QuantizedWeight:
             if self.zero is None:
                 zero = torch.full((n, k // self.group_size), 8, dtype=torch.int32, device=q.device)
             else:
-                zero = self.zero[:, :n].t().to(torch.int32)
+                zero = self.zero[:, :n].t()
+                zero = zero if self.float_zero else zero.to(torch.int32)
         return q, self.scale[:, :n].t().contiguous(), zero.contiguous()
 
     def dequantize(self) -> torch.Tensor:

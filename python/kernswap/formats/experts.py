@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from .base import QuantizedWeight, check_format
+from .base import QuantizedWeight, check_format, is_float_zero
 
 __all__ = ["QuantizedExperts", "quantize_experts", "check_stacked"]
 
@@ -21,6 +21,9 @@ def check_stacked(where: str, w: "QuantizedExperts") -> None:
     if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] == 0:
         got = type(p).__name__ if not isinstance(p, torch.Tensor) else list(p.shape)
         raise ValueError(f"{where}.packed must be a 3-D tensor [num_experts, ...] with num_experts > 0, got {got}")
+    if is_float_zero(w.zero):
+        raise ValueError(f"{where}.zero must be torch.uint8 (stacked experts store integer zero-points; quantize "
+                         f"them with zero_point='int'), got torch.float32 float zero-points")
     check_format(f"{where}: ", f"{where}.", p, w.scale, w.zero, w.bits, w.group_size, w.symmetric, w.in_features,
                  w.out_features, lead=(p.shape[0],))
 

@@ -1,9 +1,9 @@
-"""int4 group-wise format (sym: implicit zero 8; asym: uint8 zeros), packed 16n x 8k nibble tiles (SPEC.md)."""
+"""int4 group-wise format (sym: implicit zero 8; asym: uint8 or fp32 zeros), packed 16n x 8k nibble tiles (SPEC.md)."""
 import torch
 
-from .base import TILE_N, QuantizedWeight, padded_n
+from .base import TILE_N, ZERO_DTYPES, QuantizedWeight, padded_n
 from .int8 import _check_weight
-from .scale_search import check_method, search_asymmetric, search_symmetric
+from .scale_search import check_method, rtn_float_zero, search_asymmetric, search_float_zero, search_symmetric
 
 __all__ = ["quantize_int4", "pack_int4", "unpack_int4", "int4_from_codes"]
 
@@ -34,12 +34,16 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True,
-                  dynamic_activations: bool = False, method: str = "rtn") -> QuantizedWeight:
+                  dynamic_activations: bool = False, method: str = "rtn", float_zero: bool = False) -> QuantizedWeight:
     """Quantize a float [N, K] weight group-wise along K (K % group_size == 0). method="rtn": max|w| (sym) or the
     [min, max] range (asym) onto the code range; "mse": per group the scale (and range) of least squared error
-    (scale_search)."""
+    (scale_search). float_zero (asymmetric only): fp32 zero-points, the group's own [min, max] onto 0..15 (GGUF
+    Q4_1's grid) instead of an integer zero-point on a range widened to include 0."""
     _check_weight(w, "quantize_int4")
     check_method(method, "quantize_int4")
+    if float_zero and symmetric:
+        raise ValueError("quantize_int4: float_zero=True needs symmetric=False (float zero-points are the "
+                         "asymmetric form)")
     n, k = w.shape
     if group_size not in (32, 64, 128):
         raise ValueError(f"quantize_int4: group_size must be one of [32, 64, 128], got {group_size!r}")
@@ -47,6 +51,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
         raise ValueError(f"quantize_int4: in_features must be divisible by group_size={group_size}, got {k}")
     ng = k // group_size
     wg = w.detach().to(torch.float32).reshape(n, ng, group_size)
+    if float_zero:
+        search = search_float_zero if method == "mse" else rtn_float_zero
+        scale, z, q = search(wg.reshape(n * ng, group_size))
+        return int4_from_codes(q.reshape(n, k), scale.reshape(n, ng), z.reshape(n, ng), group_size,
+                               dynamic_activations)
     if method == "mse" and symmetric:
         scale, q = search_symmetric(wg.reshape(n * ng, group_size), -8, 7)
         scale, q = scale.reshape(n, ng), q.reshape(n, ng, group_size) + 8
@@ -77,13 +86,15 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
 def int4_from_codes(q: torch.Tensor, scale: torch.Tensor, zero, group_size: int,
                     dynamic_activations: bool = False) -> QuantizedWeight:
     """The packed weight for codes q [N, K] in 0..15 (symmetric: signed code + 8), scale [N, K // group] and, for the
-    asymmetric form, integer zero-points zero [N, K // group] (None: symmetric)."""
+    asymmetric form, zero-points zero [N, K // group] (None: symmetric): integer ones in any integer dtype, float
+    ones as a float tensor (stored fp32)."""
     n, k = q.shape
     ng = k // group_size
     zero_p = None
     if zero is not None:
-        zero_p = torch.zeros(ng, padded_n(n), dtype=torch.uint8, device=q.device)
-        zero_p[:, :n] = zero.t().to(torch.uint8)
+        zdt = ZERO_DTYPES[int(zero.is_floating_point())]
+        zero_p = torch.zeros(ng, padded_n(n), dtype=zdt, device=q.device)
+        zero_p[:, :n] = zero.t().to(zdt)
     scale_p = torch.zeros(ng, padded_n(n), dtype=torch.float32, device=q.device)
     scale_p[:, :n] = scale.t()
     return QuantizedWeight(packed=pack_int4(q), scale=scale_p, zero=zero_p, bits=4, group_size=group_size,

@@ -7,13 +7,15 @@ divisor, of both signs (a negative scale maps the group's largest-magnitude valu
 the int4 code range, as llama.cpp's Q4_0 does; the packed format stores any float scale). Each candidate's codes are
 then refitted once by least squares, s* = sum(w q) / sum(q q), the step llama.cpp's make_qx_quants takes; the best of
 the refitted candidates wins. Asymmetric int4 (integer zero-point): candidates shrink the [min, max] range
-symmetrically around its centre. Work is done in row chunks so memory stays bounded for any layer size.
+symmetrically around its centre. Float zero-points (w = (q - z) * s, z any real: GGUF Q4_1's min-offset grid):
+candidate steps around the RTN one (range / 15), the codes of each refitted by least squares in both the step and
+the offset (a line fit of w on q), as llama.cpp's make_qkx quants do. Work is done in row chunks so memory stays bounded for any layer size.
 """
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["search_symmetric", "search_asymmetric", "check_method", "METHODS"]
+__all__ = ["search_symmetric", "search_asymmetric", "search_float_zero", "rtn_float_zero", "check_method", "METHODS"]
 
 METHODS = ("rtn", "mse", "gptq")
 CALIBRATED = ("gptq",)  # methods that need calibration inputs (kernswap.calibration)
@@ -90,6 +92,89 @@ def search_asymmetric(wg: torch.Tensor, levels: int = 15, steps: int = 16
         best_z[a:b] = z.gather(1, i).squeeze(1)
         best_q[a:b] = q.gather(1, i[..., None].expand(-1, 1, w.shape[1])).squeeze(1)
     return best_s, best_z, best_q
+
+
+def rtn_float_zero(wg: torch.Tensor, levels: int = 15) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """wg: fp32 [G, L]. Round to nearest on the group's own [min, max] (not widened to 0): scale (max - min) / levels,
+    float zero-point -min / scale, codes round((w - min) / scale). Returns (scale, zero, codes), w ~ (q - zero) * s."""
+    mn, mx = wg.amin(dim=1), wg.amax(dim=1)
+    s = (mx - mn) / levels
+    q = torch.clamp(torch.round((wg - mn[:, None]) / torch.where(s > 0, s, 1.0)[:, None]), 0, levels)
+    return _float_zero_form(s, mn, q)
+
+
+def _float_zero_form(s: torch.Tensor, m: torch.Tensor, q: torch.Tensor):
+    """(scale, zero, codes) of w ~ q * s + m as w ~ (q - zero) * s. A group with s == 0 is constant (w = m): it
+    becomes scale |m| / 8, zero -m / scale, codes 0 (or all zeros for m == 0)."""
+    flat = s == 0
+    s = torch.where(flat, m.abs() / 8, s)
+    q = torch.where(flat[:, None], 0.0, q)
+    z = torch.where(s != 0, -m / torch.where(s != 0, s, 1.0), torch.zeros_like(m))
+    return s, z, q
+
+
+def _line_fit(w: torch.Tensor, q: torch.Tensor):
+    """Least-squares (s, m) of w ~ q * s + m along the last dim (w [..., L], q [..., L]); s = 0, m = mean(w) where
+    the codes are all equal. Returns (s, m, squared error)."""
+    n = w.shape[-1]
+    sq, sw = q.sum(-1), w.sum(-1)
+    sqq, sqw = (q * q).sum(-1), (q * w).sum(-1)
+    det = n * sqq - sq * sq
+    ok = det > 0
+    s = torch.where(ok, (n * sqw - sq * sw) / torch.where(ok, det, 1.0), 0.0)
+    m = (sw - s * sq) / n
+    err = ((w - q * s[..., None] - m[..., None]) ** 2).sum(-1)
+    return s, m, err
+
+
+def search_float_zero(wg: torch.Tensor, levels: int = 15, steps: int = 8, rounds: int = REFINE_ROUNDS
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """wg: fp32 [G, L]. Returns (scale [G], float zero-point [G], codes [G, L] in 0..levels) of least squared error
+    among: RTN on [min, max], and for candidate steps (max - min) / d, d around levels, the codes
+    clamp(round((w - min) / step)) refitted by a line fit (s, m); then re-round / refit steps, each kept per group
+    only where it lowers the error. Never a larger group error than RTN's.
+
+    The candidates' errors come from their normal equations (err = sum(w^2) - s sum(q w) - m sum(w) at the
+    least-squares (s, m)), so per candidate only the codes and three sums over them are formed."""
+    mn, mx = wg.amin(dim=1), wg.amax(dim=1)
+    rng = mx - mn
+    wn = wg - mn[:, None]                                          # >= 0; codes are round(wn / step)
+    s, m = rng / levels, mn.clone()
+    q = torch.clamp(torch.round(wn / torch.where(s > 0, s, 1.0)[:, None]), 0, levels)
+    err = ((wg - q * s[:, None] - m[:, None]) ** 2).sum(-1)      # RTN as stored (not refitted)
+    div = torch.linspace(0.75 * levels, 1.25 * levels, steps, device=wg.device)
+    n = wg.shape[1]
+    sw, sww = wg.sum(-1), (wg * wg).sum(-1)
+    for a, b in _chunks(wg.shape[0], n, div.numel()):
+        inv = div[None, :] / torch.where(rng[a:b] > 0, rng[a:b], 1.0)[:, None]             # [g, C]
+        qc = torch.mul(wn[a:b, None, :], inv[..., None]).round_().clamp_(0, levels)        # [g, C, L]
+        sq, sqq = qc.sum(-1), torch.einsum("gcl,gcl->gc", qc, qc)
+        sqw = torch.einsum("gcl,gl->gc", qc, wg[a:b])
+        det = n * sqq - sq * sq
+        ok = det > 0
+        cs = torch.where(ok, (n * sqw - sq * sw[a:b, None]) / torch.where(ok, det, 1.0), 0.0)
+        cm = (sw[a:b, None] - cs * sq) / n
+        ce = (sww[a:b, None] - cs * sqw - cm * sw[a:b, None]).clamp_min(0)
+        ce = torch.where(ok & (cs > 0), ce, torch.inf)
+        i = ce.argmin(dim=1, keepdim=True)
+        e = ce.gather(1, i).squeeze(1)
+        # the closed form loses precision where the error is tiny next to sum(w^2): re-measure the winner directly
+        qi = qc.gather(1, i[..., None].expand(-1, 1, n)).squeeze(1)
+        si, mi = cs.gather(1, i).squeeze(1), cm.gather(1, i).squeeze(1)
+        e = torch.where(torch.isfinite(e), ((wg[a:b] - qi * si[:, None] - mi[:, None]) ** 2).sum(-1), e)
+        better = e < err[a:b]
+        s[a:b] = torch.where(better, si, s[a:b])
+        m[a:b] = torch.where(better, mi, m[a:b])
+        q[a:b] = torch.where(better[:, None], qi, q[a:b])
+        err[a:b] = torch.where(better, e, err[a:b])
+    for _ in range(rounds):
+        safe = torch.where(s != 0, s, 1.0)
+        q2 = torch.clamp(torch.round((wg - m[:, None]) / safe[:, None]), 0, levels)
+        s2, m2, err2 = _line_fit(wg, q2)
+        better = (err2 < err) & (s2 > 0)
+        s, m, q, err = (torch.where(better, s2, s), torch.where(better, m2, m), torch.where(better[:, None], q2, q),
+                        torch.where(better, err2, err))
+    return _float_zero_form(s, m, q)
 
 
 def check_method(method: Optional[str], where: str) -> str:

@@ -31,9 +31,12 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def experts_quant_config(cfg: QuantConfig, in_features: int) -> Optional[QuantConfig]:
     """The config one stacked projection with in_features gets: ``cfg``, or for int4 when in_features is not a
-    multiple of its group size, the largest smaller group size (64, 32) dividing it; None when none does."""
+    multiple of its group size, the largest smaller group size (64, 32) dividing it; None when none does. Stacked
+    experts store integer zero-points: zero_point="float" becomes "int" (the report names the format they got)."""
     import dataclasses
 
+    if cfg.float_zero:
+        cfg = dataclasses.replace(cfg, zero_point="int")
     if cfg.weight_bits != 4 or in_features % cfg.group_size == 0:
         return cfg
     for g in (64, 32):

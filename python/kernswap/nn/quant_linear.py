@@ -20,20 +20,24 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _format_meta(cfg: QuantConfig, in_features: int, out_features: int) -> torch.Tensor:
     g = cfg.group_size if cfg.group_size is not None else 0
-    return torch.tensor([_FORMAT_VERSION, cfg.weight_bits, g, int(cfg.symmetric), int(cfg.dynamic_activations),
+    # the zero-point slot: 1 symmetric, 0 integer zero-points, 2 float zero-points
+    zp = 1 if cfg.symmetric else (2 if cfg.float_zero else 0)
+    return torch.tensor([_FORMAT_VERSION, cfg.weight_bits, g, zp, int(cfg.dynamic_activations),
                          in_features, out_features], dtype=torch.int64)
 
 
 def _describe_meta(meta) -> str:
     v, bits, g, sym, dyn, k, n = [int(t) for t in meta]
-    return (f"weight_bits={bits}, group_size={g or None}, symmetric={bool(sym)}, dynamic_activations={bool(dyn)}, "
+    zp = f", zero_point={'float' if sym == 2 else 'int'!r}" if sym != 1 else ""
+    return (f"weight_bits={bits}, group_size={g or None}, symmetric={sym == 1}{zp}, dynamic_activations={bool(dyn)}, "
             f"in_features={k}, out_features={n}")
 
 
 class QuantLinear(CachedRunnerModule):
     """y = x @ W^T + b with W stored packed (int8 per channel or int4 group-wise; see kernswap.formats).
 
-    Buffers: ``packed`` (int8/uint8), ``scale`` (always fp32), ``zero`` (uint8, asymmetric int4 only),
+    Buffers: ``packed`` (int8/uint8), ``scale`` (always fp32), ``zero`` (asymmetric int4 only: uint8, or fp32 for
+    ``zero_point="float"``),
     ``qformat`` (int64 metadata checked on load). ``bias`` is a Parameter in the original Linear's dtype.
     ``.to(dtype)`` casts the bias only; ``.to(device)`` moves everything without repacking.
     """
@@ -50,7 +54,7 @@ class QuantLinear(CachedRunnerModule):
                              f"got in_features={in_features}, out_features={out_features}")
         self.in_features, self.out_features, self.config = in_features, out_features, cfg
         group = cfg.group_size if cfg.weight_bits == 4 else in_features
-        spec = layout(cfg.weight_bits, group, cfg.symmetric, out_features, in_features)
+        spec = layout(cfg.weight_bits, group, cfg.symmetric, out_features, in_features, cfg.float_zero)
         for name in ("packed", "scale", "zero"):
             if spec[name] is None:
                 self.register_buffer(name, None)
@@ -94,11 +98,14 @@ class QuantLinear(CachedRunnerModule):
 
     def load_quantized(self, qw: QuantizedWeight) -> None:
         """Copy a QuantizedWeight (same format and sizes) into the buffers."""
-        if (qw.in_features, qw.out_features, qw.bits) != (self.in_features, self.out_features,
-                                                          self.config.weight_bits):
+        cfg = self.config
+        if (qw.in_features, qw.out_features, qw.bits, qw.symmetric, qw.float_zero) != (
+                self.in_features, self.out_features, cfg.weight_bits, cfg.symmetric, cfg.float_zero):
             raise ValueError(f"QuantLinear.load_quantized: expected in_features={self.in_features}, out_features="
-                             f"{self.out_features}, bits={self.config.weight_bits}, got in_features="
-                             f"{qw.in_features}, out_features={qw.out_features}, bits={qw.bits}")
+                             f"{self.out_features}, bits={cfg.weight_bits}, symmetric={cfg.symmetric}, "
+                             f"float zero-points={cfg.float_zero}, got in_features={qw.in_features}, out_features="
+                             f"{qw.out_features}, bits={qw.bits}, symmetric={qw.symmetric}, "
+                             f"float zero-points={qw.float_zero}")
         with torch.no_grad():
             self.packed.copy_(qw.packed)
             self.scale.copy_(qw.scale)

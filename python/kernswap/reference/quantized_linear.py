@@ -29,14 +29,15 @@ def _dynamic(x2d: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     m, n, g = x2d.shape[0], qw.out_features, qw.group_size
     ng = qw.in_features // g
     a, a_scale, finite = quantize_activations(x2d)
-    q, scale, zero = qw.unpack()  # [N,K] int32, [N,ng] fp32, [N,ng] int32
-    qz = (q - zero.repeat_interleave(g, dim=1)).to(torch.float64).view(n, ng, g).permute(1, 2, 0)  # [ng, G, N]
+    q, scale, zero = qw.unpack()  # [N,K] int32, [N,ng] fp32, [N,ng] int32 (fp32: float zero-points)
+    qz = (q.to(torch.float64) - zero.to(torch.float64).repeat_interleave(g, dim=1))
+    qz = qz.view(n, ng, g).permute(1, 2, 0)  # [ng, G, N]
     a64 = a.to(torch.float64).view(m, ng, g).permute(1, 0, 2)  # [ng, M, G]
     scale_t = scale.t()  # [ng, N]
     acc = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
     step = max(1, _BLOCK_ELEMS // max(1, m * n))
     for g0 in range(0, ng, step):
-        isum = torch.bmm(a64[g0:g0 + step], qz[g0:g0 + step])  # exact integer sums, [gs, M, N]
+        isum = torch.bmm(a64[g0:g0 + step], qz[g0:g0 + step])  # exact sums (integer ones for integer zeros), [gs, M, N]
         acc += (isum.to(torch.float32) * scale_t[g0:g0 + step, None, :]).sum(dim=0)
     y = a_scale[:, None] * acc
     return torch.where(finite[:, None], y, torch.full_like(y, float("nan")))
