@@ -48,6 +48,9 @@ class QuantConfig:
     zero_point: for asymmetric int4 (symmetric=False), "int" (uint8 zero-points 0..15, the range widened to hold
       0) or "float" (fp32 zero-points: each group's own [min, max] onto the 16 codes, GGUF Q4_1's grid; 3 more
       bytes per group and column). Left at None it is "int"; symmetric formats take None only.
+    smooth: SmoothQuant for the activation-quantized formats (dynamic_activations=True; needs
+      ``patch(..., calibration=...)``): True searches alpha per normalization layer, a float in (0, 1) fixes it;
+      the factors are folded into the norms feeding the layers (no op added). None/False: no smoothing.
     """
 
     weight_bits: int = 8
@@ -57,6 +60,7 @@ class QuantConfig:
     backend: Union[str, Backend] = Backend.AUTO
     method: Optional[str] = None
     zero_point: Optional[str] = None
+    smooth: Union[None, bool, float] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str, got: object) -> ValueError:
@@ -83,6 +87,14 @@ class QuantConfig:
                 object.__setattr__(self, "zero_point", "int")
             if self.zero_point not in ZERO_POINTS:
                 raise bad("zero_point", f"one of {list(ZERO_POINTS)} for asymmetric int4", self.zero_point)
+        if self.smooth is False:
+            object.__setattr__(self, "smooth", None)
+        if self.smooth is not None:
+            if not (self.smooth is True or (isinstance(self.smooth, float) and 0.0 < self.smooth < 1.0)):
+                raise bad("smooth", "None, a bool, or a float alpha in (0, 1)", self.smooth)
+            if not self.dynamic_activations:
+                raise bad("smooth", "None for weight-only formats (smoothing needs dynamic_activations=True)",
+                          self.smooth)
         object.__setattr__(self, "backend", normalize_backend(self.backend, "QuantConfig.backend"))
         if self.method is None:  # the default: error-minimising scales for int4, round-to-nearest for int8
             object.__setattr__(self, "method", "mse" if self.weight_bits == 4 else "rtn")
@@ -102,6 +114,8 @@ class QuantConfig:
             base = ("w4a8" if self.dynamic_activations else "int4") + f"-g{self.group_size}"
             if not self.symmetric:
                 base += "-fzero" if self.float_zero else "-asym"
+        if self.smooth is not None:
+            base += "-smooth" if self.smooth is True else f"-smooth{self.smooth:g}"
         return base
 
     @property

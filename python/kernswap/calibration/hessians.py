@@ -44,9 +44,14 @@ def _tokens(kw: Dict[str, Any]) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
+def calibration_forward(model: nn.Module, kw: Dict[str, Any]) -> Any:
+    """One calibration forward (no KV cache unless the batch asks for one) -> the model's output."""
+    return model(**kw, **({"use_cache": False} if "use_cache" not in kw else {}))
+
+
 def _run(model: nn.Module, kw: Dict[str, Any]) -> int:
-    """One calibration forward (no KV cache unless the batch asks for one) -> its token count."""
-    model(**kw, **({"use_cache": False} if "use_cache" not in kw else {}))
+    """One calibration forward -> its token count."""
+    calibration_forward(model, kw)
     return _tokens(kw)
 
 

@@ -12,6 +12,7 @@ from ..config import MoEConfig, QuantConfig, SparseAttentionConfig
 from .families import FamilySpec, get_family
 from .report import PatchReport, module_memory
 from ..calibration import collect_hessians, normalize_calibration, sequential_hessians
+from ..calibration.hessians import _tokens, calibration_forward
 from ..formats.scale_search import CALIBRATED
 from .rules import ModuleSwap, Plan, QuantLinearRule
 
@@ -163,10 +164,12 @@ def patch(
         raise TypeError(f"kernswap.patch: fuse must be a bool, got {type(fuse).__name__}")
     request = {"quant": cfg, "attention": attn_cfg, "moe": moe_cfg, "skip": _skip_patterns(skip, family, model),
                "lm_head": head_cfg, "fuse": fuse and cfg is not None}
-    calibrated = [c.method for c in (cfg, head_cfg) if c is not None and c.method in CALIBRATED]
+    calibrated = [f"method={c.method!r}" for c in (cfg, head_cfg) if c is not None and c.method in CALIBRATED]
+    calibrated += [f"smooth={c.smooth!r}" for c in (cfg, head_cfg) if c is not None and c.smooth is not None]
     if calibrated and calibration is None:
-        raise ValueError(f"kernswap.patch: method={calibrated[0]!r} needs calibration= (token ids, a list of them, or "
-                         f"an iterable of model-input dicts); use method='mse' (the int4 default) or 'rtn' without")
+        raise ValueError(f"kernswap.patch: {calibrated[0]} needs calibration= (token ids, a list of them, or an "
+                         f"iterable of model-input dicts); use method='mse' (the int4 default) or 'rtn', and "
+                         f"smooth=None, without")
     batches = normalize_calibration(calibration) if calibrated else None
 
     state = patch_state(model)
@@ -178,9 +181,20 @@ def patch(
             f"({_describe(state.request)}); requested {_describe(request)}. Call kernswap.unpatch(model) first: kernswap "
             "never quantizes a quantized model again.")
 
-    hessians, calib_tokens = {}, 0
-    if batches is not None:  # calibration, before anything is swapped (the model is left as it was)
-        hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches, progress)
+    hessians, calib_tokens, pre = {}, 0, []
+    smooth_note = None
+    try:
+        if cfg is not None and cfg.smooth is not None:  # folded before the Hessians: they see the smoothed inputs
+            rec, smooth_note = _smooth(model, cfg, request["skip"] + ((head,) if head else ()), batches)
+            pre = [rec] if rec is not None else []
+        if batches is not None and any(c is not None and c.method in CALIBRATED for c in (cfg, head_cfg)):
+            # calibration, before anything is swapped (the model is left as it was)
+            hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches,
+                                                progress)
+    except BaseException:
+        for rec in reversed(pre):
+            rec.undo()
+        raise
     rules = []
     if cfg is not None:
         skip_here = request["skip"] + ((head,) if head else ())
@@ -201,12 +215,34 @@ def patch(
         from .attention import AttentionRule
 
         rules.append(AttentionRule(attn_cfg))
-    report = apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals)
+    report = apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals,
+                         pre_records=pre)
+    if smooth_note:
+        report.notes.append(smooth_note)
+    if batches is not None and not calib_tokens:
+        calib_tokens = sum(_tokens(kw) for kw in batches)
     methods = sorted({c.method for c in (cfg, head_cfg) if c is not None})
     if methods:
         report.notes.append(f"quantization method: {', '.join(methods)}" + (
             f"; calibration: {len(batches)} batch(es), {calib_tokens} tokens" if batches is not None else ""))
     return report
+
+
+def _smooth(model: nn.Module, cfg: QuantConfig, skip: tuple, batches):
+    """Fold SmoothQuant factors for ``cfg``'s activation-quantized layers (kernswap.calibration.smooth)."""
+    from ..calibration.smooth import next_token_nll, smooth_model
+    from .families import match_any
+    from .rules import check_quantizable, layer_config
+
+    def layer_cfg(name, linear):
+        if match_any(name, skip) or check_quantizable(linear, cfg):
+            return None
+        return layer_config(linear.in_features, cfg)
+
+    runs = [lambda kw=kw: calibration_forward(model, kw) for kw in batches]
+    losses = [lambda kw=kw: next_token_nll(calibration_forward(model, kw), kw["input_ids"])
+              for kw in batches if isinstance(kw.get("input_ids"), torch.Tensor)]
+    return smooth_model(model, runs, None if cfg.smooth is True else float(cfg.smooth), layer_cfg, losses)
 
 
 def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, batches, progress):
@@ -306,7 +342,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: FamilySpec, *,
                 progress: bool = True, keep_originals: bool = True, restorable: bool = True,
-                desc: str = "kernswap: quantizing") -> PatchReport:
+                desc: str = "kernswap: quantizing", pre_records: Sequence[Any] = ()) -> PatchReport:
     """Plan every rule, run the actions under one rollback scope, and record the state on ``model``."""
     t0 = time.perf_counter()
     plan = Plan()
@@ -322,7 +358,7 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
     )
     report.notes += _tier_notes(request, _model_device(model))
     report.memory_before = module_memory(model)
-    records: List[Any] = []
+    records: List[Any] = list(pre_records)  # done before the rules (smoothing folds): undone last
     try:
         from tqdm.auto import tqdm
 
@@ -353,6 +389,8 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
         for rec in records:
             if isinstance(rec, ModuleSwap):
                 rec.original = None
+            elif hasattr(rec, "drop_originals"):
+                rec.drop_originals()
     model.__dict__[STATE_ATTR] = PatchState(request=request, records=records, report=report, plan=plan_json,
                                             restorable=restorable and keep_originals)
     return report
@@ -385,6 +423,7 @@ def make_plan_json(model: nn.Module, request: Dict[str, Any], report: PatchRepor
             "quant": config_to_json(head_cfg)},
         "experts": experts,
         "attention": None if attn is None else config_to_json(attn),
+        "smoothed": [n for rec in records for n in getattr(rec, "norms", ())],
     }
 
 

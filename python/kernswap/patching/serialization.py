@@ -192,7 +192,8 @@ def _prefixes(plan: Dict[str, Any]) -> tuple:
     from .fuse import fused_name
 
     fused = [fused_name(g) for g in plan.get("fused") or ()]
-    return tuple(n + "." for n in list(plan.get("quantized", [])) + head + fused + list(plan.get("experts") or {}))
+    return tuple(n + "." for n in list(plan.get("quantized", [])) + head + fused + list(plan.get("experts") or {})
+                 + list(plan.get("smoothed") or ()))
 
 
 def _from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
