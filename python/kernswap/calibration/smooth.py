@@ -123,9 +123,10 @@ def next_token_nll(out: Any, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[..., 1:].reshape(-1)))
 
 
-def _fake_quantized(lins: List[Tuple[nn.Linear, Any]]):
+def _fake_quantized(lins: List[Tuple[nn.Linear, Any]], own_method: bool = False):
     """Context: each (linear, config) runs as its quantized form would (round-to-nearest weights of the config,
-    per-token int8 inputs), weights and hooks put back afterwards."""
+    or with ``own_method`` the config's own scale choice; per-token int8 inputs), weights and hooks put back
+    afterwards."""
     from ..formats import quantize
     from ..reference.quantized_linear import quantize_activations
 
@@ -140,8 +141,8 @@ def _fake_quantized(lins: List[Tuple[nn.Linear, Any]]):
 
             for lin, cfg in lins:
                 self.saved.append((lin.weight, lin.weight.data))
-                lin.weight.data = quantize(lin.weight.data, dataclasses.replace(cfg, method="rtn")).dequantize().to(
-                    lin.weight.dtype)
+                c = cfg if own_method else dataclasses.replace(cfg, method="rtn")
+                lin.weight.data = quantize(lin.weight.data, c).dequantize().to(lin.weight.dtype)
                 self.handles.append(lin.register_forward_pre_hook(act))
             return self
 
@@ -184,7 +185,9 @@ def smooth_model(model: nn.Module, runs: Sequence[Callable[[], Any]], alpha: Opt
         if any(l.weight.shape[1] != amax[norm_name].numel() for l in lins):
             continue
         plan.append((norm_name, norm, lins, torch.stack([l.weight.detach().float().abs().amax(0) for l in lins]).amax(0)))
-    quantized = [(l, layer_cfg(names[id(l)], l)) for _, _, lins, _ in plan for l in lins]
+    # every activation-quantized layer runs quantized in the search, not only the ones the norms feed: the loss
+    # must be the quantized model's (with o_proj / down_proj left in float it ranked the alphas differently)
+    quantized = [(m, layer_cfg(n, m)) for n, m in mods.items() if type(m) is nn.Linear]
     quantized = [(l, c) for l, c in quantized if c is not None]
 
     def fold(a: float) -> SmoothRecord:
@@ -204,17 +207,24 @@ def smooth_model(model: nn.Module, runs: Sequence[Callable[[], Any]], alpha: Opt
     if alpha is None:
         if not losses:
             return None, "smoothing: the calibration batches have no input_ids to search alpha on; nothing folded"
-        scores = {}
-        for a in (None,) + ALPHAS:
+        def score(a, own_method=False):
             rec = fold(a) if a is not None else SmoothRecord([], [], {})
             try:
-                with _fake_quantized(quantized), torch.no_grad():
-                    scores[a] = sum(f() for f in losses[:SEARCH_BATCHES])
+                with _fake_quantized(quantized, own_method), torch.no_grad():
+                    return sum(f() for f in losses[:SEARCH_BATCHES]) / min(len(losses), SEARCH_BATCHES)
             finally:
                 rec.undo()
+
+        scores = {a: score(a) for a in (None,) + ALPHAS}
         chosen = min(scores, key=lambda a: scores[a])
         searched = " (searched: calibration loss " + ", ".join(
-            f"{'none' if a is None else f'{a:g}'} {v / min(len(losses), SEARCH_BATCHES):.4f}" for a, v in scores.items()) + ")"
+            f"{'none' if a is None else f'{a:g}'} {v:.4f}" for a, v in scores.items())
+        if chosen is not None and any(c.method != "rtn" for _, c in quantized):
+            # the search quantized with round-to-nearest; with the layers' own method, smoothing must still win
+            mine, none = score(chosen, True), score(None, True)
+            searched += f"; with method {quantized[0][1].method}: {chosen:g} {mine:.4f}, none {none:.4f}"
+            chosen = chosen if mine < none else None
+        searched += ")"
         if chosen is None:
             return None, "smoothing: no alpha lowered the calibration loss; nothing folded" + searched
     rec = fold(chosen)
