@@ -41,6 +41,7 @@ CALIB_FROM = 8192  # first calibration token: the evaluation uses the tokens bef
 def main(argv=None) -> int:
     import kernswap
     from kernswap import QuantConfig  # noqa: F401 - used by the config expressions
+    from kernswap.formats.scale_search import CALIBRATED
     from kernswap.patching.report import module_memory
     from kernswap.testing import lee_corpus_text, load_smollm2, load_smollm2_tokenizer
 
@@ -58,13 +59,13 @@ def main(argv=None) -> int:
     models, seconds = {"fp32": P.TorchLM(base, module_memory(base))}, {}
     for spec in args.config or DEFAULT:
         cfg = eval(spec, {"QuantConfig": kernswap.QuantConfig})  # noqa: S307 - the user's own command line
-        needs = cfg.smooth is not None or cfg.method == "gptq"
+        needs = cfg.smooth is not None or cfg.method in CALIBRATED
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         rep = kernswap.patch(m, quant=cfg, progress=False, keep_originals=False, calibration=calib if needs else None)
         seconds[spec] = time.perf_counter() - t0
         print(f"[quality] {spec}: patched in {seconds[spec]:.1f} s; " +
-              "; ".join(n for n in rep.notes if n.startswith(("smoothing", "quantization method"))), file=sys.stderr)
+              "; ".join(n for n in rep.notes if n.startswith(("smoothing", "awq", "quantization method"))), file=sys.stderr)
         models[spec] = P.TorchLM(m, module_memory(m))
     res = E.quality(models, ids[:, :args.tokens], 512)
     ref = res["fp32"]["ppl"]

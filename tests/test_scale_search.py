@@ -77,5 +77,6 @@ def test_kernels_read_mse_weights(cfg, dtype):
 def test_config_method():
     assert QuantConfig(4, 128).method == "mse" and QuantConfig(8).method == "rtn"
     assert kernswap.QuantConfig.from_any("int4").method == "mse"
-    with pytest.raises(ValueError, match=r"QuantConfig.method must be one of \['rtn', 'mse', 'gptq'\], got 'awq'"):
-        QuantConfig(4, 128, method="awq")
+    assert QuantConfig(4, 128, method="awq").method == "awq"
+    with pytest.raises(ValueError, match=r"QuantConfig.method must be one of \['rtn', 'mse', 'gptq', 'awq'\], got 'hqq'"):
+        QuantConfig(4, 128, method="hqq")

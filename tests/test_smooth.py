@@ -1,4 +1,6 @@
 """QuantConfig(smooth=...): SmoothQuant factors folded into the norms that feed the activation-quantized layers."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,6 +35,20 @@ def _state(model):
 def _same_state(model, ref):
     sd = model.state_dict()
     return sd.keys() == ref.keys() and all(torch.equal(sd[k], v) for k, v in ref.items())
+
+
+def _patched_error(model, ev, **patch_kw):
+    """(mean squared logit error of the patched model on ``ev``, the report); unpatched after, and checked to be
+    the model it was bit for bit (the scales folded into the norms are undone too)."""
+    before = _state(model)
+    with torch.no_grad():
+        ref = model(ev).logits
+    report = kernswap.patch(model, progress=False, **patch_kw)
+    with torch.no_grad():
+        e = float((model(ev).logits - ref).pow(2).mean())
+    kernswap.unpatch(model)
+    assert _same_state(model, before)
+    return e, report
 
 
 def test_config_checks():
@@ -76,20 +92,8 @@ def test_fold_is_exact_and_undone_bit_for_bit(family):
 def test_lower_error_than_unsmoothed_on_outliers(cfg):
     model = _outlier_model()
     calib, ev = _ids(1), _ids(5, (2, 32))
-    before = _state(model)
-    with torch.no_grad():
-        ref = model(ev).logits
-
-    def err(**kw):
-        kernswap.patch(model, progress=False, **kw)
-        with torch.no_grad():
-            e = float((model(ev).logits - ref).pow(2).mean())
-        kernswap.unpatch(model)
-        assert _same_state(model, before)  # smoothing folded into the norms is undone too
-        return e
-
-    plain = err(quant=QuantConfig(**W8A8))
-    smoothed = err(quant=cfg, calibration=calib)
+    plain, _ = _patched_error(model, ev, quant=QuantConfig(**W8A8))
+    smoothed, _ = _patched_error(model, ev, quant=cfg, calibration=calib)
     assert smoothed < 0.7 * plain, (smoothed, plain)
 
 
@@ -143,3 +147,31 @@ def test_keep_originals_false_cannot_unpatch():
                    keep_originals=False)
     with pytest.raises(RuntimeError, match="not available"):
         kernswap.unpatch(model)
+
+
+# ----------------------------------------------------------------------------------------- method="awq"
+@pytest.mark.parametrize("cfg", [QuantConfig(4, 32, method="awq"), QuantConfig(8, method="awq"),
+                                 QuantConfig(4, 32, symmetric=False, zero_point="float", method="awq")])
+def test_awq_lower_error_than_rtn_and_undone(cfg):
+    model = _outlier_model()
+    calib, ev = _ids(1), _ids(5, (2, 32))
+    plain, _ = _patched_error(model, ev, quant=dataclasses.replace(cfg, method="rtn"))
+    scaled, report = _patched_error(model, ev, quant=cfg, calibration=calib)
+    assert any(n.startswith("awq: scales folded into 4 normalization layers") for n in report.notes), report.notes
+    assert scaled < plain, (scaled, plain)
+
+
+def test_awq_needs_calibration_and_excludes_smooth(tmp_path):
+    with pytest.raises(ValueError, match="method='awq' needs calibration="):
+        kernswap.patch(tiny_model("llama"), quant=QuantConfig(4, 32, method="awq"), progress=False)
+    with pytest.raises(ValueError, match="QuantConfig.smooth must be None with method='awq'"):
+        QuantConfig(8, dynamic_activations=True, method="awq", smooth=True)
+    model = _outlier_model("qwen3")
+    ids = _ids(2, (2, 40))
+    kernswap.patch(model, quant=QuantConfig(4, 32, method="awq"), calibration=ids, progress=False)
+    assert patch_state(model).plan["smoothed"]
+    with torch.no_grad():
+        ref = model(ids).logits
+    save_quantized(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path)(ids).logits, ref)

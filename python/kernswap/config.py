@@ -44,7 +44,8 @@ class QuantConfig:
     backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
     method: how the scales are chosen, without calibration data: "rtn" (max|w| onto the largest code) or "mse"
       (per group the scale, and for asymmetric int4 the range, of least squared error). Default: "mse" for int4,
-      "rtn" for int8.
+      "rtn" for int8. With ``patch(..., calibration=...)``: "gptq", or "awq" (activation-aware channel scales
+      folded into the norms, then "mse" / "rtn" weights).
     zero_point: for asymmetric int4 (symmetric=False), "int" (uint8 zero-points 0..15, the range widened to hold
       0) or "float" (fp32 zero-points: each group's own [min, max] onto the 16 codes, GGUF Q4_1's grid; 3 more
       bytes per group and column). Left at None it is "int"; symmetric formats take None only.
@@ -92,6 +93,8 @@ class QuantConfig:
         if self.smooth is not None:
             if not (self.smooth is True or (isinstance(self.smooth, float) and 0.0 < self.smooth < 1.0)):
                 raise bad("smooth", "None, a bool, or a float alpha in (0, 1)", self.smooth)
+            if self.method == "awq":
+                raise bad("smooth", "None with method='awq' (both fold scales into the norms)", self.smooth)
             if not self.dynamic_activations:
                 raise bad("smooth", "None for weight-only formats (smoothing needs dynamic_activations=True)",
                           self.smooth)

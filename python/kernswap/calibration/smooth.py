@@ -43,6 +43,14 @@ class SmoothRecord:
         self.saved = [(p, None) for p, _ in self.saved]
 
 
+def _uses(model: nn.Module) -> Dict[int, int]:
+    """id(parameter) -> how many names the model has for it (more than one: tied)."""
+    uses: Dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return uses
+
+
 def _norm_weight(mod: nn.Module) -> Optional[nn.Parameter]:
     w = getattr(mod, "weight", None)
     if isinstance(w, nn.Parameter) and w.dim() == 1 and w.dtype.is_floating_point and not isinstance(mod, nn.Linear):
@@ -92,7 +100,6 @@ def _trace(model: nn.Module, run: Callable[[], Any], consumers: Callable[[nn.Lin
 def _absmax(model: nn.Module, norms: Sequence[str], runs: Sequence[Callable[[], Any]]) -> Dict[str, torch.Tensor]:
     """Per norm: max |output_j| over every calibration row."""
     amax: Dict[str, torch.Tensor] = {}
-    mods = dict(model.named_modules())
 
     def make(name):
         def hook(mod, args, out):
@@ -100,7 +107,16 @@ def _absmax(model: nn.Module, norms: Sequence[str], runs: Sequence[Callable[[], 
             amax[name] = a if name not in amax else torch.maximum(amax[name], a)
         return hook
 
-    handles = [mods[n].register_forward_hook(make(n)) for n in norms]
+    run_with_output_hooks(model, norms, make, runs)
+    return amax
+
+
+def run_with_output_hooks(model: nn.Module, names: Sequence[str], make: Callable[[str], Callable],
+                          runs: Sequence[Callable[[], Any]]) -> None:
+    """Run every calibration forward with ``make(name)`` as a forward hook on each named module (removed
+    afterwards, also on failure)."""
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(make(n)) for n in names]
     try:
         with torch.no_grad():
             for r in runs:
@@ -108,7 +124,6 @@ def _absmax(model: nn.Module, norms: Sequence[str], runs: Sequence[Callable[[], 
     finally:
         for h in handles:
             h.remove()
-    return amax
 
 
 def _factors(amax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -170,9 +185,7 @@ def smooth_model(model: nn.Module, runs: Sequence[Callable[[], Any]], alpha: Opt
     scaled to stay exact, but not quantized in the search). Returns (the undo record or None, a report note)."""
     mods = dict(model.named_modules())
     names = {id(m): n for n, m in mods.items()}
-    uses: Dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = _uses(model)
     groups, norm_in, ref_out = _trace(model, runs[0], lambda m: layer_cfg(names[id(m)], m) is not None)
     if not groups:
         return None, "smoothing: no normalization layer feeds an activation-quantized layer; nothing folded"

@@ -1,4 +1,6 @@
 """Quantized weight formats. Each is defined once: quantize/pack, unpack, dequantize."""
+import dataclasses
+
 import torch
 
 from .base import TILE_N, QuantizedWeight, layout, padded_n
@@ -17,6 +19,10 @@ def quantize(w, config, hessian=None) -> QuantizedWeight:
     cfg = QuantConfig.from_any(config)
     if cfg.method == "gptq":
         return _quantize_gptq(w, cfg, hessian)
+    if cfg.method == "awq":  # the weights arrive already scaled (kernswap.calibration.awq)
+        from ..calibration.awq import base_method
+
+        cfg = dataclasses.replace(cfg, method=base_method(cfg))
     if cfg.weight_bits == 8:
         return quantize_int8(w, dynamic_activations=cfg.dynamic_activations, method=cfg.method)
     return quantize_int4(w, cfg.group_size, cfg.symmetric, dynamic_activations=cfg.dynamic_activations,

@@ -17,8 +17,8 @@ import torch
 
 __all__ = ["search_symmetric", "search_asymmetric", "search_float_zero", "rtn_float_zero", "check_method", "METHODS"]
 
-METHODS = ("rtn", "mse", "gptq")
-CALIBRATED = ("gptq",)  # methods that need calibration inputs (kernswap.calibration)
+METHODS = ("rtn", "mse", "gptq", "awq")
+CALIBRATED = ("gptq", "awq")  # methods that need calibration inputs (kernswap.calibration)
 _CHUNK = 1 << 22  # weights per chunk (x candidates x 4 B of temporaries)
 REFINE_ROUNDS = 3  # re-round / refit steps after the candidate search
 

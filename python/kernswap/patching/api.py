@@ -184,10 +184,11 @@ def patch(
     hessians, calib_tokens, pre = {}, 0, []
     smooth_note = None
     try:
-        if cfg is not None and cfg.smooth is not None:  # folded before the Hessians: they see the smoothed inputs
+        if cfg is not None and (cfg.smooth is not None or cfg.method == "awq"):
+            # folded before the Hessians: they see the scaled inputs
             rec, smooth_note = _smooth(model, cfg, request["skip"] + ((head,) if head else ()), batches)
             pre = [rec] if rec is not None else []
-        if batches is not None and any(c is not None and c.method in CALIBRATED for c in (cfg, head_cfg)):
+        if batches is not None and any(c is not None and c.method == "gptq" for c in (cfg, head_cfg)):
             # calibration, before anything is swapped (the model is left as it was)
             hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches,
                                                 progress)
@@ -229,7 +230,9 @@ def patch(
 
 
 def _smooth(model: nn.Module, cfg: QuantConfig, skip: tuple, batches):
-    """Fold SmoothQuant factors for ``cfg``'s activation-quantized layers (kernswap.calibration.smooth)."""
+    """Fold SmoothQuant factors for ``cfg``'s activation-quantized layers (kernswap.calibration.smooth), or for
+    method="awq" its activation-aware scales (kernswap.calibration.awq)."""
+    from ..calibration.awq import awq_model
     from ..calibration.smooth import next_token_nll, smooth_model
     from .families import match_any
     from .rules import check_quantizable, layer_config
@@ -240,6 +243,8 @@ def _smooth(model: nn.Module, cfg: QuantConfig, skip: tuple, batches):
         return layer_config(linear.in_features, cfg)
 
     runs = [lambda kw=kw: calibration_forward(model, kw) for kw in batches]
+    if cfg.method == "awq":
+        return awq_model(model, runs, layer_cfg)
     losses = [lambda kw=kw: next_token_nll(calibration_forward(model, kw), kw["input_ids"])
               for kw in batches if isinstance(kw.get("input_ids"), torch.Tensor)]
     return smooth_model(model, runs, None if cfg.smooth is True else float(cfg.smooth), layer_cfg, losses)
@@ -264,7 +269,7 @@ def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, 
     def config_of(layer):
         name = names.get(id(layer), "")
         c = head_cfg if name == head else (None if match_any(name, skip) else cfg)
-        if c is None or c.method not in CALIBRATED or check_quantizable(layer, c):
+        if c is None or c.method != "gptq" or check_quantizable(layer, c):
             return None
         return layer_config(layer.in_features, c)
 
