@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .smooth import SmoothRecord, _close, _fold, _trace, _uses, run_with_output_hooks
+from .smooth import SmoothRecord, _fold, _trace, _uses, exact_or_undone, run_with_output_hooks
 
 __all__ = ["awq_model", "AWQ_ALPHAS", "base_method"]
 
@@ -95,16 +95,12 @@ def awq_model(model: nn.Module, runs: Sequence[Callable[[], Any]],
             if best_s is not None and _fold(norm, lins, best_s, norm_in.get(norm_name), rec.saved):
                 rec.norms.append(norm_name)
                 rec.alphas[norm_name] = best
-        if rec.norms:
-            with torch.no_grad():
-                out = runs[0]()
-            if not _close(ref_out, out):
-                rec.undo()
-                return None, ("awq: scaling changed the model's output (a normalization output is read by more "
-                              "than its Linear layers); nothing scaled")
     except BaseException:
         rec.undo()
         raise
+    if not exact_or_undone(rec, runs[0], ref_out):
+        return None, ("awq: scaling changed the model's output (a normalization output is read by more than its "
+                      "Linear layers); nothing scaled")
     if not rec.norms:
         return None, "awq: no normalization layer gained from scaling; nothing scaled"
     vals = sorted(rec.alphas.values())

@@ -13,6 +13,7 @@ very tensor object its consumers receive. A norm is folded only when the fold is
 batch are compared before / after every fold: a consumer the hooks cannot see (another op reading the norm's
 output) makes them differ, and then nothing is folded. Every tensor a fold replaces is kept by an undo record, so
 unpatch restores the model bit for bit."""
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -138,6 +139,7 @@ def next_token_nll(out: Any, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[..., 1:].reshape(-1)))
 
 
+@contextlib.contextmanager
 def _fake_quantized(lins: List[Tuple[nn.Linear, Any]], own_method: bool = False):
     """Context: each (linear, config) runs as its quantized form would (round-to-nearest weights of the config,
     or with ``own_method`` the config's own scale choice; per-token int8 inputs), weights and hooks put back
@@ -145,30 +147,24 @@ def _fake_quantized(lins: List[Tuple[nn.Linear, Any]], own_method: bool = False)
     from ..formats import quantize
     from ..reference.quantized_linear import quantize_activations
 
-    class _Ctx:
-        def __enter__(self):
-            self.saved, self.handles = [], []
+    def act(mod, args):
+        x = args[0]
+        a, scale, _ = quantize_activations(x.reshape(-1, x.shape[-1]))
+        return ((a * scale[:, None]).to(x.dtype).reshape(x.shape),) + tuple(args[1:])
 
-            def act(mod, args):
-                x = args[0]
-                a, scale, _ = quantize_activations(x.reshape(-1, x.shape[-1]))
-                return ((a * scale[:, None]).to(x.dtype).reshape(x.shape),) + tuple(args[1:])
-
-            for lin, cfg in lins:
-                self.saved.append((lin.weight, lin.weight.data))
-                c = cfg if own_method else dataclasses.replace(cfg, method="rtn")
-                lin.weight.data = quantize(lin.weight.data, c).dequantize().to(lin.weight.dtype)
-                self.handles.append(lin.register_forward_pre_hook(act))
-            return self
-
-        def __exit__(self, *exc):
-            for h in self.handles:
-                h.remove()
-            for p, t in self.saved:
-                p.data = t
-            return False
-
-    return _Ctx()
+    saved, handles = [], []
+    try:
+        for lin, cfg in lins:
+            saved.append((lin.weight, lin.weight.data))
+            c = cfg if own_method else dataclasses.replace(cfg, method="rtn")
+            lin.weight.data = quantize(lin.weight.data, c).dequantize().to(lin.weight.dtype)
+            handles.append(lin.register_forward_pre_hook(act))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, t in saved:
+            p.data = t
 
 
 SEARCH_BATCHES = 4  # calibration batches whose loss decides alpha
@@ -241,17 +237,9 @@ def smooth_model(model: nn.Module, runs: Sequence[Callable[[], Any]], alpha: Opt
         if chosen is None:
             return None, "smoothing: no alpha lowered the calibration loss; nothing folded" + searched
     rec = fold(chosen)
-    try:
-        if rec.norms:
-            with torch.no_grad():
-                out = runs[0]()
-            if not _close(ref_out, out):
-                rec.undo()
-                return None, ("smoothing: folding changed the model's output (a normalization output is read by "
-                              "more than its Linear layers); nothing folded")
-    except BaseException:
-        rec.undo()
-        raise
+    if not exact_or_undone(rec, runs[0], ref_out):
+        return None, ("smoothing: folding changed the model's output (a normalization output is read by more than "
+                      "its Linear layers); nothing folded")
     if not rec.norms:
         return None, "smoothing: no normalization layer could take the factors; nothing folded"
     return rec, f"smoothing: alpha {chosen:g} folded into {len(rec.norms)} normalization layers" + searched
@@ -280,6 +268,22 @@ def _fold(norm: nn.Module, lins: List[nn.Linear], s: torch.Tensor, x: Optional[t
             saved.append((l.weight, l.weight.data))
             l.weight.data = (l.weight.data.float() * s).to(l.weight.dtype)
     return True
+
+
+def exact_or_undone(rec: SmoothRecord, run: Callable[[], Any], ref_out: Any) -> bool:
+    """After folding ``rec``: True when the model's output on ``run`` still matches ``ref_out`` (or nothing was
+    folded); otherwise the folds are undone and False. Undone too if the check itself fails."""
+    if not rec.norms:
+        return True
+    try:
+        with torch.no_grad():
+            ok = _close(ref_out, run())
+    except BaseException:
+        rec.undo()
+        raise
+    if not ok:
+        rec.undo()
+    return ok
 
 
 def _close(a: Any, b: Any) -> bool:
