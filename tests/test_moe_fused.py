@@ -137,4 +137,9 @@ def test_nan_policy(backend, fmt, scoring):
     out = fused_moe(x, lg, wgu, wd, k, scoring=scoring, backend=backend)
     assert torch.isnan(out[bad]).all(), "poisoned tokens: NaN in every element"
     keep = [r for r in range(t) if r not in bad]
-    assert torch.equal(out[keep], clean[keep]), "the other tokens are untouched"
+    if backend == "reference":
+        # the reference runs torch's GEMM on each expert's rows: its blocking (and so its rounding) may change with
+        # the row count, which the poisoned routing changes (seen with oneDNN/MKL on an AMD EPYC with AVX-512)
+        torch.testing.assert_close(out[keep], clean[keep], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out[keep], clean[keep]), "the other tokens are untouched"
