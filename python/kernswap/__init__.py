@@ -7,9 +7,9 @@ from .diagnostics import info
 __version__ = "0.1.0"
 
 __all__ = ["QuantConfig", "SparseAttentionConfig", "MoEConfig", "Backend", "info", "nn", "ops", "formats", "sparse", "patch", "unpatch", "PatchReport",
-           "__version__"]
+           "save_quantized", "load_quantized", "set_decode_path", "__version__"]
 
-_LAZY = ("patch", "unpatch", "PatchReport")
+_LAZY = ("patch", "unpatch", "PatchReport", "save_quantized", "load_quantized", "set_decode_path")
 
 
 def __getattr__(name):

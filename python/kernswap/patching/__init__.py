@@ -5,9 +5,12 @@
 - :func:`unpatch` gives back the very same original module objects.
 - :func:`save_quantized` / :func:`load_quantized` store and reload a patched model without re-quantizing
   (``model.save_pretrained(dir)`` on a patched model writes the same files; reload with ``load_quantized(dir)``).
+- :func:`set_decode_path` turns the decode-layer kernel (installed with fused projections on Llama-style layers)
+  off and on again, to compare it with the per-op path.
 
 Model families are short declarations in ``kernswap/patching/families/``; unknown families get a generic rule.
 """
+from .decode import set_decode_path
 from .api import is_patched, patch, patch_state, unpatch
 from .report import PatchReport
 from .serialization import load_quantized, save_quantized
@@ -20,4 +23,5 @@ __all__ = [
     "PatchReport",
     "save_quantized",
     "load_quantized",
+    "set_decode_path",
 ]

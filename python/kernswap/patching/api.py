@@ -141,6 +141,10 @@ def patch(
       (weight-only), a format name or QuantConfig in that format. It is the largest weight a small model reads per
       token. A head tied to the input embeddings gets a quantized copy: the embedding table stays in float for
       the token lookups, and ``unpatch`` restores the tie.
+    fuse: True (default) runs q/k/v and gate/up as one quantized call each; on Llama / Mistral / Qwen2 decoder
+      layers it also installs the decode-layer kernel (kernswap.nn.decode_layer): a decode step (one new fp32 token
+      per sequence, no attention mask, a dynamic KV cache) takes two compiled calls per layer, every other call the
+      layer's own forward. :func:`set_decode_path` turns it off and on.
 
     Only this instance changes (child modules are replaced through their parent). Any exception part-way
     restores every module already swapped, then re-raises. Patching an already patched model with the same
@@ -375,6 +379,14 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
             errs = [r.weight_error for r in done_here if getattr(r, "weight_error", None) is not None]
             if errs:
                 report.weight_errors[action.name] = errs[0]
+        if request.get("fuse"):
+            from .decode import install_decode_path
+
+            decoders = install_decode_path(model)
+            records.extend(decoders)
+            if decoders:
+                report.notes.append(f"decode steps (one new token per sequence, fp32, no mask) of {len(decoders)} "
+                                    f"decoder layers run kernswap's decode-layer kernel: two calls a layer")
         plan_json = make_plan_json(model, request, report, records)
         if report.swapped:
             data = torch.frombuffer(bytearray(json.dumps(plan_json).encode()), dtype=torch.uint8).clone()

@@ -1,0 +1,45 @@
+"""The decode-layer path: patch() (with fused projections) installs kernswap.nn.decode_layer.DecodeForward as the
+``forward`` of each decoder layer whose class and patched parts the decode kernel reads; the undo record removes
+it. Layers of other shapes keep the per-op path."""
+import dataclasses
+from typing import List
+
+from torch import nn
+
+from ..nn.decode_layer import LAYER_CLASSES, DecodeForward, decode_parts
+
+__all__ = ["DecodeOverride", "install_decode_path", "set_decode_path"]
+
+
+@dataclasses.dataclass
+class DecodeOverride:
+    """Undo record: ``layer.forward`` (an instance attribute) was set by kernswap."""
+
+    layer: nn.Module
+
+    def undo(self) -> None:
+        self.layer.__dict__.pop("forward", None)
+
+
+def install_decode_path(model: nn.Module) -> List[DecodeOverride]:
+    """Install the decode path on every matching layer of ``model``; the undo records, in order."""
+    records = []
+    for mod in model.modules():
+        if type(mod).__name__ in LAYER_CLASSES and "forward" not in mod.__dict__ and decode_parts(mod) is not None:
+            mod.__dict__["forward"] = DecodeForward(mod)
+            records.append(DecodeOverride(mod))
+    return records
+
+
+def set_decode_path(model: nn.Module, enabled: bool) -> int:
+    """Turn the decode-layer path of a patched ``model`` on or off (off: every decode step takes the per-op path,
+    the same fused quantized projections one op at a time); the number of layers it applies to."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"kernswap.set_decode_path: enabled must be a bool, got {type(enabled).__name__}")
+    n = 0
+    for mod in model.modules():
+        fwd = mod.__dict__.get("forward")
+        if isinstance(fwd, DecodeForward):
+            fwd.enabled = enabled
+            n += 1
+    return n

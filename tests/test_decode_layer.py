@@ -1,0 +1,289 @@
+"""The decode-layer path (kernswap.nn.decode_layer, installed by patch with fused projections): a decode step of a
+Llama / Mistral / Qwen2 / Qwen3 layer in two compiled calls gives the per-op path's tokens and logits within fp32
+rounding, is really taken (counted), falls back to the layer's own forward for everything else, is undone by
+unpatch, comes back with load_quantized, and its bindings reject bad input with a clear error."""
+import pytest
+import torch
+
+import kernswap
+from kernswap import _ext
+from kernswap.nn.decode_layer import DecodeForward
+from kernswap.patching import load_quantized, save_quantized, set_decode_path
+from kernswap.testing.tiny import MOE_FAMILIES, tiny_model
+
+from conftest import assert_raises
+
+pytestmark = pytest.mark.skipif(not _ext.have_cpu_ext(), reason="the compiled extension is not built")
+
+DENSE = ("llama", "mistral", "qwen2", "qwen3")
+IDS = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+FORMATS = {"int8": "int8", "w8a8": "w8a8",
+           "int4-g32-asym": kernswap.QuantConfig(weight_bits=4, group_size=32, symmetric=False),
+           "int4-g32-fzero": kernswap.QuantConfig(weight_bits=4, group_size=32, symmetric=False, zero_point="float")}
+NEW = 12
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Counts the decode steps the kernel ran (one per layer and token)."""
+    n = {"steps": 0}
+    real = DecodeForward._step
+
+    def counted(self, *a, **k):
+        n["steps"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(DecodeForward, "_step", counted)
+    return n
+
+
+def _patched(family, quant="int8", **kw):
+    model = tiny_model(family, **kw)
+    kernswap.patch(model, quant=quant, progress=False)
+    return model
+
+
+def _generate(model, ids=IDS, **kw):
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _logit_tol(ref):
+    """fp32 rounding of a few hundred-term sums, re-associated (norms in double, fused attention, another op
+    order): a few ulps of the logits' scale, per element."""
+    return 64 * torch.finfo(torch.float32).eps * ref.abs().amax().item()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("family", DENSE)
+def test_same_tokens_as_per_op_path(family, fmt, steps):
+    model = _patched(family, FORMATS[fmt])
+    layers = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), DecodeForward)]
+    assert len(layers) == model.config.num_hidden_layers
+    tokens, logits = _generate(model)
+    assert steps["steps"] == model.config.num_hidden_layers * (NEW - 1), "every decode step took the kernel"
+    assert set_decode_path(model, False) == len(layers)
+    ref_tokens, ref_logits = _generate(model)
+    assert steps["steps"] == model.config.num_hidden_layers * (NEW - 1), "off: no step took the kernel"
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_logit_tol(ref_logits))
+
+
+def test_same_tokens_as_unfused_model():
+    fast = _patched("llama", FORMATS["int4-g32-asym"])
+    slow = tiny_model("llama")
+    kernswap.patch(slow, quant=FORMATS["int4-g32-asym"], progress=False, fuse=False)
+    assert not any(isinstance(m.__dict__.get("forward"), DecodeForward) for m in slow.modules())
+    assert torch.equal(_generate(fast)[0], _generate(slow)[0])
+
+
+def test_long_cache_parallel_attention(steps):
+    """A cache long enough for the attention to split (sequence, head) pairs over the threads (L * D * pairs >=
+    2^18), GQA with 4 query heads per kv head, head_dim 64, a cache longer than one block of anything."""
+    model = _patched("llama", "int8", hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                     max_position_embeddings=1024)
+    ids = torch.randint(3, 256, (2, 530), generator=torch.Generator().manual_seed(1))
+    tokens, logits = _generate(model, ids)
+    assert steps["steps"] > 0
+    set_decode_path(model, False)
+    ref_tokens, ref_logits = _generate(model, ids)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_logit_tol(ref_logits))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_layers_keep_their_forward(family):
+    model = _patched(family)
+    assert not any(isinstance(m.__dict__.get("forward"), DecodeForward) for m in model.modules())
+
+
+def test_falls_back_with_a_mask(steps):
+    """Left-padded prompts: the model passes an attention mask, so every step runs the layer's own forward."""
+    model = _patched("llama")
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0
+    tokens, _ = _generate(model, attention_mask=mask)
+    assert steps["steps"] == 0
+    set_decode_path(model, False)
+    assert torch.equal(tokens, _generate(model, attention_mask=mask)[0])
+
+
+def _one_step(model):
+    """Prefill then one decode step called by hand (position_ids of one row: cos / sin of [1, 1, D] that broadcast
+    over the batch), the step's logits."""
+    with torch.no_grad():
+        cache = model(IDS, use_cache=True).past_key_values
+        return model(IDS[:, :1], cache=cache).logits, cache
+
+
+def test_hand_called_step_and_grad_fallback(steps):
+    model = _patched("llama")
+    logits, cache = _one_step(model)
+    assert steps["steps"] == 2
+    with torch.enable_grad():
+        model(IDS[:, :1], cache=cache)  # a decode step with grad on runs the layer's own forward
+    assert steps["steps"] == 2
+    set_decode_path(model, False)
+    ref, _ = _one_step(model)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=_logit_tol(ref))
+
+
+def test_falls_back_with_bf16(steps):
+    bf = _patched("llama", dtype=torch.bfloat16)
+    _generate(bf)
+    assert steps["steps"] == 0
+
+
+def test_falls_back_when_a_part_is_replaced(steps):
+    """A layer whose parts no longer match (here o_proj swapped for a plain Linear after patching) takes its own
+    forward: the checks run on every call, not only at patch time."""
+    model = _patched("llama")
+    attn = model.model.layers[0].self_attn
+    o = attn.o_proj
+    attn.o_proj = torch.nn.Linear(o.in_features, o.out_features, bias=False)
+    _generate(model)
+    assert steps["steps"] == (NEW - 1) * (model.config.num_hidden_layers - 1)
+    attn.o_proj = o
+
+
+def test_weights_changed_in_place_are_read(steps):
+    """The prepared pointers are keyed on the buffers' versions: an in-place write to a norm weight is seen."""
+    model = _patched("llama")
+    before = _generate(model)[1]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.mul_(3.0)
+    after = _generate(model)[1]
+    set_decode_path(model, False)
+    ref = _generate(model)[1]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, rtol=0, atol=_logit_tol(ref))
+
+
+def test_unpatch_leaves_no_forward():
+    model = tiny_model("qwen2")
+    ref = _generate(model)
+    kernswap.patch(model, quant="int8", progress=False)
+    kernswap.unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    out = _generate(model)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_save_load_installs_the_path(tmp_path, steps):
+    model = _patched("qwen3", FORMATS["int4-g32-asym"])
+    tokens, logits = _generate(model)
+    n = steps["steps"]
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert sum(isinstance(m.__dict__.get("forward"), DecodeForward) for m in loaded.modules()) == 2
+    out_tokens, out_logits = _generate(loaded)
+    assert steps["steps"] == 2 * n
+    assert torch.equal(out_tokens, tokens) and torch.equal(out_logits, logits)
+
+
+def test_set_decode_path_checks_its_argument():
+    model = _patched("llama")
+    assert_raises(lambda: set_decode_path(model, 1), TypeError, "enabled must be a bool, got int")
+    assert kernswap.set_decode_path(model, True) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the bindings
+def _one_layer():
+    """A patched tiny layer's prepared arguments for a direct call of both bindings."""
+    model = _patched("llama")
+    fwd = model.model.layers[0].__dict__["forward"]
+    layer = fwd.layer
+    h, d, hq, hkv = 64, 16, 4, 2
+    x = torch.randn(1, 1, h)
+    cos, sin = torch.ones(1, 1, d), torch.zeros(1, 1, d)
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        prepared = fwd._prepared(x, dict(position_embeddings=(cos, sin), cache=DynamicCache(config=model.config)))
+    assert prepared is not None
+    weights = prepared[0]
+    return layer, weights, h, d, hq, hkv
+
+
+def _attn_in(C, layer, w, h, d, hq, hkv, **over):
+    x, out = torch.randn(1, h), torch.empty(1, (hq + 2 * hkv) * d)
+    cos, sin, nw = torch.ones(1, d), torch.zeros(1, d), layer.input_layernorm.weight
+    a = dict(x_ptr=x.data_ptr(), x_numel=x.numel(), M=1, H=h, norm_ptr=nw.data_ptr(), norm_numel=nw.numel(),
+             eps=1e-6, qkv=w[0], cos_ptr=cos.data_ptr(), cos_numel=cos.numel(), sin_ptr=sin.data_ptr(),
+             sin_numel=sin.numel(), Hq=hq, Hkv=hkv, D=d, q_norm_ptr=0, q_norm_numel=0, k_norm_ptr=0, k_norm_numel=0,
+             qk_eps=0.0, out_ptr=out.data_ptr(), out_numel=out.numel(), num_threads=1)
+    a.update(over)
+    return lambda: C.decode_attn_in(**a), (x, out, cos, sin)
+
+
+def _attn_out(C, layer, w, h, d, hq, hkv, L=5, **over):
+    x, qkv, out = torch.randn(1, h), torch.randn(1, (hq + 2 * hkv) * d), torch.empty(1, h)
+    k, v = torch.randn(1, hkv, L, d), torch.randn(1, hkv, L, d)
+    pw, inter = layer.post_attention_layernorm.weight, layer.mlp.down_proj.in_features
+    a = dict(x_ptr=x.data_ptr(), x_numel=x.numel(), q_ptr=qkv.data_ptr(), q_numel=qkv.numel(),
+             q_row_stride=qkv.shape[1], k_ptr=k.data_ptr(), k_numel=k.numel(), ks0=k.stride(0), ks1=k.stride(1),
+             ks2=k.stride(2), v_ptr=v.data_ptr(), v_numel=v.numel(), vs0=v.stride(0), vs1=v.stride(1),
+             vs2=v.stride(2), L=L, M=1, H=h, Hq=hq, Hkv=hkv, D=d, scaling=d ** -0.5, o=w[1], post_ptr=pw.data_ptr(),
+             post_numel=pw.numel(), eps=1e-6, gate_up=w[2], down=w[3], I=inter, out_ptr=out.data_ptr(),
+             out_numel=out.numel(), num_threads=1)
+    a.update(over)
+    return lambda: C.decode_attn_out(**a), (x, qkv, k, v, out)
+
+
+def test_bindings_run_on_good_input():
+    C = _ext.get_C()
+    layer, w, h, d, hq, hkv = _one_layer()
+    call, keep = _attn_in(C, layer, w, h, d, hq, hkv)
+    call()
+    assert torch.isfinite(keep[1]).all()
+    call, keep = _attn_out(C, layer, w, h, d, hq, hkv)
+    call()
+    assert torch.isfinite(keep[-1]).all()
+
+
+@pytest.mark.parametrize("over, substr", [
+    (dict(x_numel=63), "x_numel must be >= 64"),
+    (dict(out_numel=10), "out_numel must be >= 128"),
+    (dict(cos_numel=15), "cos_numel must be >= 16"),
+    (dict(Hq=3), "Hq must be a multiple of Hkv=2"),
+    (dict(D=15), "D must be even"),
+    (dict(M=0), "M"),
+    (dict(q_norm_ptr=1, q_norm_numel=16), "must be given together"),
+])
+def test_attn_in_rejects(over, substr):
+    C = _ext.get_C()
+    layer, w, h, d, hq, hkv = _one_layer()
+    call, _ = _attn_in(C, layer, w, h, d, hq, hkv, **over)
+    assert_raises(call, (ValueError, RuntimeError), substr)
+
+
+@pytest.mark.parametrize("over, substr", [
+    (dict(k_numel=100), "k_numel must be >="),
+    (dict(v_numel=0), "v_numel must be >="),
+    (dict(ks2=1000), "k_numel must be >="),
+    (dict(q_row_stride=8), "q_row_stride"),
+    (dict(L=0), "L"),
+    (dict(I=7), "gate_up must be [N=14"),
+    (dict(post_numel=3), "post_numel must be >= 64"),
+])
+def test_attn_out_rejects(over, substr):
+    C = _ext.get_C()
+    layer, w, h, d, hq, hkv = _one_layer()
+    call, _ = _attn_out(C, layer, w, h, d, hq, hkv, **over)
+    assert_raises(call, (ValueError, RuntimeError), substr)
+
+
+def test_weight_tuple_checked():
+    C = _ext.get_C()
+    layer, w, h, d, hq, hkv = _one_layer()
+    call, _ = _attn_in(C, layer, w, h, d, hq, hkv, qkv=w[0][:13])
+    assert_raises(call, (ValueError, RuntimeError), "qkv must be a 14-tuple, got 13")
+    bad = list(w[0])
+    bad[1] = 10  # packed_numel far below the weight's bytes
+    call, _ = _attn_in(C, layer, w, h, d, hq, hkv, qkv=tuple(bad))
+    assert_raises(call, (ValueError, RuntimeError), "packed")
+    call, _ = _attn_out(C, layer, w, h, d, hq, hkv, o=w[0])
+    assert_raises(call, (ValueError, RuntimeError), "o must be [N=64, K=64], got [128, 64]")
