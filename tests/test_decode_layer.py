@@ -204,7 +204,7 @@ def _one_layer():
     with torch.no_grad():
         prepared = fwd._prepared(x, dict(position_embeddings=(cos, sin), cache=DynamicCache(config=model.config)))
     assert prepared is not None
-    weights = prepared[0]
+    weights = prepared.weights
     return layer, weights, h, d, hq, hkv
 
 

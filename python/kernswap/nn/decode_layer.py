@@ -63,12 +63,16 @@ def decode_parts(layer: nn.Module):
         return None
     if qkv is None or gate_up is None or type(o) is not QuantLinear or type(down) is not QuantLinear:
         return None
-    if gate_up.bias is not None or down.bias is not None:
-        return None
+    if gate_up.bias is not None or down.bias is not None or not all(
+            m.bias is None or (m.bias.dtype == torch.float32 and m.bias.is_contiguous()) for m in (qkv, o)):
+        return None  # (the kernel reads the biases in place: fp32, contiguous)
     qk_norms = [getattr(attn, a, None) for a in ("q_norm", "k_norm")]
     if any(n is not None for n in qk_norms) and not (
             all(_is_rmsnorm(n, attn.head_dim) for n in qk_norms)
             and qk_norms[0].variance_epsilon == qk_norms[1].variance_epsilon):  # the kernel takes one epsilon
+        return None
+    if not all(_is_rmsnorm(getattr(layer, n, None), qkv.in_features)
+               for n in ("input_layernorm", "post_attention_layernorm")):
         return None
     act = getattr(mlp, "act_fn", None)
     if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
@@ -77,10 +81,11 @@ def decode_parts(layer: nn.Module):
 
 
 def _weight(mod: QuantLinear) -> tuple:
-    """The binding's 14-tuple for a QuantLinear's buffers (fp32 bias), and the tensors it points into."""
+    """The binding's 14-tuple for a QuantLinear's buffers (fp32 contiguous bias: decode_parts), and the tensors it
+    points into."""
     qw = mod.qweight
     zero, bias = qw.zero, mod.bias
-    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    bias = None if bias is None else bias.detach()
     t = (qw.packed.data_ptr(), extent(qw.packed), qw.bits, qw.group_size, qw.out_features, qw.in_features,
          qw.scale.data_ptr(), extent(qw.scale), 0 if zero is None else zero.data_ptr(), extent(zero),
          zero is not None and zero.is_floating_point(), 0 if bias is None else bias.data_ptr(), extent(bias),
@@ -88,105 +93,145 @@ def _weight(mod: QuantLinear) -> tuple:
     return t, (qw.packed, qw.scale, zero, bias)
 
 
+def _structure(layer: nn.Module) -> tuple:
+    """The child modules the decode step reads, straight from the ``_modules`` dicts (a few dict lookups, no
+    nn.Module.__getattr__): a plan made for one tuple holds while the layer still has these very modules."""
+    lm = layer._modules
+    attn, mlp = lm.get("self_attn"), lm.get("mlp")
+    am = attn._modules if isinstance(attn, nn.Module) else {}
+    mm = mlp._modules if isinstance(mlp, nn.Module) else {}
+    return (attn, mlp, lm.get("input_layernorm"), lm.get("post_attention_layernorm"),
+            *(am.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")),
+            *(mm.get(n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn", "gate_up_proj")))
+
+
+def _versions(tensors) -> list:
+    """Where the tensors' data is now and how often it was written in place: the plan's pointers stay valid
+    while this does not change (the plan holds the tensors, so their memory is never reused by another)."""
+    try:
+        return [(t.data_ptr(), t._version) for t in tensors]
+    except RuntimeError:  # inference tensors keep no version counter
+        return [tensor_key(t) for t in tensors]
+
+
+class _Plan:
+    """What one layer's decode step passes to the kernels, prepared once per structure and weight state."""
+
+    def __init__(self, layer: nn.Module, structure: tuple, parts: tuple):
+        qkv, o, gate_up, down, attn, mlp = parts
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        cfg = attn.config
+        self.structure = structure
+        self.mods = (qkv, o, gate_up, down)
+        self.idx = getattr(attn, "layer_idx", None)
+        self.impl = getattr(cfg, "_attn_implementation", None)
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+        self.h, self.inter, self.scaling = qkv.in_features, down.in_features, float(attn.scaling)
+        self.configs = tuple(m.config for m in self.mods)
+        ws = [_weight(m) for m in self.mods]
+        self.weights = [w for w, _ in ws]
+        norms = [n1.weight.detach(), n2.weight.detach()] + ([qn.weight.detach(), kn.weight.detach()] if qn is not None else [])
+        # the tensors the pointers point into (held, so their memory stays theirs) and what a change of them shows
+        self.tensors = [t for _, keep in ws for t in keep if t is not None] + norms
+        self.norms = [(w.data_ptr(), w.numel(), n.variance_epsilon) for w, n in zip(norms[:2], (n1, n2))]
+        self.qk = (norms[2].data_ptr(), self.d, norms[3].data_ptr(), self.d, kn.variance_epsilon) if qn is not None \
+            else (0, 0, 0, 0, 0.0)
+        self.state = _versions(self.tensors)
+        self.valid = (self.idx is not None and self.impl in ("sdpa", "eager", None)
+                      and all(c.backend.value in ("auto", "cpu") for c in self.configs)
+                      and all(m.packed.device.type == "cpu" for m in self.mods)
+                      and qkv.out_features == (self.hq + 2 * self.hkv) * self.d and o.in_features == self.hq * self.d)
+
+    def current(self, structure: tuple) -> bool:
+        """Still the plan of this layer: the same modules, configs and weight memory, nothing written in place."""
+        return (structure == self.structure and all(m.config is c for m, c in zip(self.mods, self.configs))
+                and _versions(self.tensors) == self.state)
+
+
 class DecodeForward:
     """``layer.forward`` for decode steps of a patched Llama-style layer; everything else goes to the class's
-    forward. Holds no tensors of its own beyond a cache of the weights' pointers (rebuilt when a buffer changes)."""
+    forward. Holds no tensors of its own beyond the prepared plan (rebuilt when a module or buffer changes)."""
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
         self.enabled = True  # kernswap.set_decode_path(model, False) sends every call to the class's forward
-        self._cache = None
+        self._plan = None
 
-    def __getstate__(self):  # pickling / deepcopy of the model: the pointer cache stays behind
-        return {"layer": self.layer, "enabled": self.enabled, "_cache": None}
+    def __getstate__(self):  # pickling / deepcopy of the model: the plan (raw pointers) stays behind
+        return {"layer": self.layer, "enabled": self.enabled, "_plan": None}
 
     def original(self, *args, **kwargs):
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
     def __call__(self, hidden_states, *args, **kwargs):
-        prepared = None if args or not self.enabled else self._prepared(hidden_states, kwargs)
-        if prepared is None:
+        plan = None if args or not self.enabled else self._prepared(hidden_states, kwargs)
+        if plan is None:
             return self.original(hidden_states, *args, **kwargs)
-        return self._step(hidden_states, kwargs, *prepared)
+        return self._step(hidden_states, kwargs, plan)
 
     # ------------------------------------------------------------------ checks
-    def _prepared(self, x: torch.Tensor, kwargs):
-        """The prepared weights when this call is a decode step the kernel runs, else None."""
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or not isinstance(x, torch.Tensor)
+    def _layer_plan(self) -> Optional[_Plan]:
+        structure = _structure(self.layer)
+        plan = self._plan
+        if plan is None or not plan.current(structure):
+            parts = decode_parts(self.layer)
+            plan = self._plan = None if parts is None else _Plan(self.layer, structure, parts)
+        return plan if plan is not None and plan.valid else None
+
+    def _prepared(self, x: torch.Tensor, kwargs) -> Optional[_Plan]:
+        """The layer's plan when this call is a decode step the kernel runs, else None."""
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
                 or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3 or x.shape[1] != 1
                 or kwargs.get("attention_mask") is not None or kwargs.get("output_attentions")
-                or not _ext.have_cpu_ext() or not hasattr(_ext.get_C(), "decode_attn_out")):
+                or not _ext.have_cpu_ext()):
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         pe = kwargs.get("position_embeddings")
-        if type(cache).__name__ != "DynamicCache" or not isinstance(pe, (tuple, list)) or len(pe) != 2:
+        if type(cache).__name__ != "DynamicCache" or type(pe) not in (tuple, list) or len(pe) != 2:
             return None
-        layer = self.layer
-        parts = decode_parts(layer)
-        if parts is None:
+        plan = self._layer_plan()
+        if plan is None or x.shape[-1] != plan.h:
             return None
-        qkv, o, gate_up, down, attn, mlp = parts
-        idx = getattr(attn, "layer_idx", None)
         layers = getattr(cache, "layers", None)
-        if idx is None or layers is None or (idx < len(layers) and type(layers[idx]).__name__ not in CACHE_LAYERS):
-            return None
-        impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
-        if impl not in ("sdpa", "eager", None):
-            return None
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-        mods = (qkv, o, gate_up, down)
-        if any(m.config.backend.value not in ("auto", "cpu") or m.packed.device.type != "cpu" for m in mods):
-            return None
-        if not (_is_rmsnorm(n1, x.shape[-1]) and _is_rmsnorm(n2, x.shape[-1])):
+        if layers is None or (plan.idx < len(layers) and type(layers[plan.idx]).__name__ not in CACHE_LAYERS):
             return None
         cos, sin = pe
-        d = attn.head_dim
-        if (cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.dim() != 3
-                or cos.shape[0] not in (1, x.shape[0]) or cos.shape[1:] != (1, d) or sin.shape != cos.shape):
+        d = plan.d
+        if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype != torch.float32
+                or sin.dtype != torch.float32 or cos.dim() != 3 or cos.shape[0] not in (1, x.shape[0])
+                or cos.shape[1:] != (1, d) or sin.shape != cos.shape):
             return None
-        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        key = tensor_key(n1.weight, n2.weight, *(n.weight for n in (qn, kn) if n is not None), *(t for m in mods for t in (m.packed, m.scale, m.zero, m.bias))) + \
-            tuple(id(m.config) for m in mods) + (id(_ext.get_C()),)
-        if self._cache is None or self._cache[0] != key:
-            ws = [_weight(m) for m in mods]
-            self._cache = (key, [w for w, _ in ws], [k for _, k in ws] + [n1.weight.detach(), n2.weight.detach()])
-        hq = attn.config.num_attention_heads
-        hkv = attn.config.num_key_value_heads
-        if qkv.in_features != x.shape[-1] or qkv.out_features != (hq + 2 * hkv) * d or o.in_features != hq * d:
-            return None
-        return self._cache[1], idx, hq, hkv, d
+        return plan
 
     # ------------------------------------------------------------------ the step
-    def _step(self, x, kwargs, weights, idx, hq, hkv, d):
-        C, layer = _ext.get_C(), self.layer
-        w_qkv, w_o, w_gu, w_down = weights
+    def _step(self, x, kwargs, plan: _Plan):
+        C = _ext.get_C()
+        w_qkv, w_o, w_gu, w_down = plan.weights
+        hq, hkv, d = plan.hq, plan.hkv, plan.d
         b, h = x.shape[0], x.shape[-1]
         x2 = x.reshape(b, h).contiguous()
         # one position for the whole batch (position_ids of one row) broadcasts like it does in the layer's RoPE
         cos, sin = (t.expand(b, 1, d).reshape(b, d).contiguous() for t in kwargs["position_embeddings"])
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         nq = (hq + 2 * hkv) * d
         nt = torch.get_num_threads()
         qkv = torch.empty(b, nq)
-        qn, kn = getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)
-        qk = (qn.weight.data_ptr(), d, kn.weight.data_ptr(), d, kn.variance_epsilon) if qn is not None else (0, 0, 0, 0, 0.)
-        C.decode_attn_in(x2.data_ptr(), x2.numel(), b, h, n1.weight.data_ptr(), n1.weight.numel(),
-                         n1.variance_epsilon, w_qkv, cos.data_ptr(), cos.numel(), sin.data_ptr(), sin.numel(), hq,
-                         hkv, d, *qk, qkv.data_ptr(), qkv.numel(), nt)
+        (n1_ptr, n1_numel, n1_eps), (n2_ptr, n2_numel, n2_eps) = plan.norms
+        C.decode_attn_in(x2.data_ptr(), x2.numel(), b, h, n1_ptr, n1_numel, n1_eps, w_qkv, cos.data_ptr(),
+                         cos.numel(), sin.data_ptr(), sin.numel(), hq, hkv, d, *plan.qk, qkv.data_ptr(), qkv.numel(),
+                         nt)
         k = qkv[:, hq * d:(hq + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
         v = qkv[:, (hq + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        keys, values = cache.update(k, v, idx)
+        keys, values = cache.update(k, v, plan.idx)
         if (keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.dim() != 4
                 or keys.shape[:2] != (b, hkv) or keys.shape[-1] != d or values.shape != keys.shape
                 or keys.stride(-1) != 1 or values.stride(-1) != 1):
             raise RuntimeError(f"kernswap decode path: the cache returned keys {tuple(keys.shape)} {keys.dtype} / "
                                f"values {tuple(values.shape)} {values.dtype}, expected [{b}, {hkv}, L, {d}] fp32")
-        inter = layer.mlp.down_proj.in_features
         out = torch.empty(b, h)
-        attn = layer.self_attn
         C.decode_attn_out(x2.data_ptr(), x2.numel(), qkv.data_ptr(), qkv.numel(), nq, keys.data_ptr(), extent(keys),
                           *keys.stride()[:3], values.data_ptr(), extent(values), *values.stride()[:3],
-                          keys.shape[2], b, h, hq, hkv, d, float(attn.scaling), w_o, n2.weight.data_ptr(),
-                          n2.weight.numel(), n2.variance_epsilon, w_gu, w_down, inter, out.data_ptr(), out.numel(), nt)
+                          keys.shape[2], b, h, hq, hkv, d, plan.scaling, w_o, n2_ptr, n2_numel, n2_eps, w_gu, w_down,
+                          plan.inter, out.data_ptr(), out.numel(), nt)
         return out.view(b, 1, h)
