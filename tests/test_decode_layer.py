@@ -287,3 +287,77 @@ def test_weight_tuple_checked():
     assert_raises(call, (ValueError, RuntimeError), "packed")
     call, _ = _attn_out(C, layer, w, h, d, hq, hkv, o=w[0])
     assert_raises(call, (ValueError, RuntimeError), "o must be [N=64, K=64], got [128, 64]")
+
+
+# ---------------------------------------------------------------------------------------------- the cache append
+def _dynamic_layer(b=2, h=3, n=3, d=8):
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.update(torch.randn(b, h, n, d), torch.randn(b, h, n, d))
+    return layer
+
+
+class _OneLayerCache:
+    """The part of DynamicCache the appender reads, around one DynamicLayer."""
+
+    def __init__(self, layer):
+        self.layers, self.offloading = [layer], False
+
+    def update(self, k, v, idx):
+        return self.layers[idx].update(k, v)
+
+
+def test_kv_append_matches_concatenation():
+    """150 steps from 3 cached positions (the buffer grows twice), a crop and a step through update() between:
+    the layer holds what concatenation would have left, and a view handed out earlier keeps its values."""
+    from kernswap.nn.kv_append import KVAppender
+
+    ours, ref = _dynamic_layer(), _dynamic_layer()
+    ref.keys, ref.values = ours.keys.clone(), ours.values.clone()
+    app, cache = KVAppender(), _OneLayerCache(ours)
+    early = None
+    for step in range(150):
+        k, v = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
+        if step == 40:
+            ours.crop(-10), ref.crop(-10)
+        if step == 90:  # the model's own forward ran in between (a prefill chunk, a fallback step)
+            ours.update(k, v), ref.update(k, v)
+            continue
+        keys, values = app.append(cache, 0, k, v)
+        rk, rv = ref.update(k, v)
+        assert keys is ours.keys and values is ours.values
+        assert torch.equal(keys, rk) and torch.equal(values, rv)
+        if step == 10:
+            early = (keys, keys.clone())
+    assert ours.get_seq_length() == ref.get_seq_length() == 3 + 150 - 10
+    assert torch.equal(early[0], early[1]), "a view returned earlier is never written"
+
+
+def test_kv_append_other_layers_use_update():
+    from kernswap.nn.kv_append import KVAppender
+
+    layer = _dynamic_layer()
+    layer.keys = layer.keys.to(torch.bfloat16)  # not what the kernel reads: the layer's own update runs
+    calls = []
+    cache = _OneLayerCache(layer)
+    real = cache.update
+    cache.update = lambda *a: calls.append(1) or real(*a)
+    k = torch.randn(2, 3, 1, 8)
+    KVAppender().append(cache, 0, k, k)
+    assert calls == [1]
+
+
+def test_generated_cache_equals_per_op_cache():
+    model = _patched("llama")
+    caches = []
+    for on in (True, False):
+        set_decode_path(model, on)
+        with torch.no_grad():
+            out = model.generate(IDS, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+        caches.append(out.past_key_values)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=_logit_tol(b.keys))
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=_logit_tol(b.values))

@@ -3,10 +3,10 @@
 A decode step (one new token per sequence) of a patched layer otherwise makes ~60 torch ops and module calls around
 its 4 quantized matmuls: two RMSNorms, RoPE, SDPA and its reshapes, SiLU-mul, two residual adds. :class:`DecodeForward`,
 installed as the layer instance's ``forward`` by ``kernswap.patch`` (fused projections on, patching/decode.py), runs
-instead: norm -> fused q/k/v -> RoPE in one call, the model's own cache appends the keys and values, then attention
-over the cache -> o_proj -> residual -> norm -> fused gate/up -> SiLU-mul -> down -> residual in a second. Every call
-that is not such a step (prefill, a mask, bf16, autograd, torch.compile, another cache or attention kernel, layers not
-quantized the way the kernel reads them) runs the layer's own forward unchanged.
+instead: norm -> fused q/k/v -> RoPE in one call, the keys and values go into the model's own cache (in place:
+kv_append.py), then attention over the cache -> o_proj -> residual -> norm -> fused gate/up -> SiLU-mul -> down ->
+residual in a second. Every call that is not such a step (prefill, a mask, bf16, autograd, torch.compile, another
+cache or attention kernel, layers not quantized the way the kernel reads them) runs the layer's own forward unchanged.
 """
 from typing import Optional
 
@@ -17,6 +17,7 @@ from .. import _ext
 from ..backends.cpu import extent
 from ._state import tensor_key
 from .fused_linear import QuantLinearSlice
+from .kv_append import KVAppender
 from .quant_linear import QuantLinear
 
 __all__ = ["DecodeForward", "LAYER_CLASSES", "decode_parts"]
@@ -157,9 +158,10 @@ class DecodeForward:
         self.layer = layer
         self.enabled = True  # kernswap.set_decode_path(model, False) sends every call to the class's forward
         self._plan = None
+        self._kv = KVAppender()
 
     def __getstate__(self):  # pickling / deepcopy of the model: the plan (raw pointers) stays behind
-        return {"layer": self.layer, "enabled": self.enabled, "_plan": None}
+        return {"layer": self.layer, "enabled": self.enabled, "_plan": None, "_kv": KVAppender()}
 
     def original(self, *args, **kwargs):
         return type(self.layer).forward(self.layer, *args, **kwargs)
@@ -223,7 +225,7 @@ class DecodeForward:
         k = qkv[:, hq * d:(hq + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
         v = qkv[:, (hq + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        keys, values = cache.update(k, v, plan.idx)
+        keys, values = self._kv.append(cache, plan.idx, k, v)
         if (keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.dim() != 4
                 or keys.shape[:2] != (b, hkv) or keys.shape[-1] != d or values.shape != keys.shape
                 or keys.stride(-1) != 1 or values.stride(-1) != 1):

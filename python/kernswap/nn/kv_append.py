@@ -1,0 +1,70 @@
+"""Appending one decode step's keys and values to a transformers ``DynamicLayer`` without copying the cache.
+
+``DynamicLayer.update`` concatenates: every step copies the whole cache of the layer (SmolLM2-135M at 160 cached
+positions: ~7 MB a token over its 30 layers, as much as a fifth of its int4 weights). :class:`KVAppender` keeps each
+cache layer's keys and values in a buffer with room to grow (doubling) and sets the layer's ``keys`` / ``values`` to
+views of its first L positions, so a step writes one position. Whatever else touches the layer (crop, beam
+reorder, a prefill through the model's own forward, offloading) replaces those views with new tensors; the next
+step sees that its views are gone and starts a new buffer from the layer's tensors. The layer ends up holding
+exactly what ``update`` would have left there (as strided views).
+"""
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["KVAppender"]
+
+MIN_ROOM = 64  # positions a new buffer holds beyond the cache's current length, at least
+
+
+class KVAppender:
+    """Per decoder layer: the growing buffers of the cache layers it appended to (weakly keyed by the layer)."""
+
+    def __init__(self):
+        self._buffers = weakref.WeakKeyDictionary()
+
+    def __getstate__(self):  # deep copies and pickles of the model start without buffers
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def append(self, cache, idx: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``cache.update(k, v, idx)`` for k, v of [B, Hkv, 1, D] fp32; the keys and values to attend to."""
+        layer = self._layer(cache, idx, k)
+        if layer is None:
+            return cache.update(k, v, idx)
+        keys, values = layer.keys, layer.values
+        rec = self._buffers.get(layer)
+        if rec is None or rec[2] is not keys or rec[3] is not values:
+            rec = None  # not our views any more (or never were): start from the layer's tensors
+        n = keys.shape[2]
+        kbuf, vbuf = (rec[0], rec[1]) if rec is not None else (None, None)
+        if kbuf is None or n >= kbuf.shape[2]:
+            cap = n + max(n, MIN_ROOM)
+            kbuf, vbuf = (torch.empty(t.shape[0], t.shape[1], cap, t.shape[3], dtype=t.dtype) for t in (keys, values))
+            kbuf[:, :, :n].copy_(keys)
+            vbuf[:, :, :n].copy_(values)
+        kbuf[:, :, n:n + 1].copy_(k)
+        vbuf[:, :, n:n + 1].copy_(v)
+        layer.keys, layer.values = kbuf[:, :, :n + 1], vbuf[:, :, :n + 1]
+        self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values)
+        return layer.keys, layer.values
+
+    @staticmethod
+    def _layer(cache, idx: int, k: torch.Tensor) -> Optional[object]:
+        """The cache's layer ``idx`` when it is a plain DynamicLayer already holding fp32 CPU keys and values of
+        k's batch, heads and head size (what update would concatenate to), else None."""
+        layers = getattr(cache, "layers", None)
+        if getattr(cache, "offloading", False) or layers is None or idx >= len(layers):
+            return None
+        layer = layers[idx]
+        if type(layer).__name__ != "DynamicLayer" or not getattr(layer, "is_initialized", False):
+            return None
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        for t in (keys, values):
+            if (type(t) is not torch.Tensor or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
+                    or t.shape[:2] != k.shape[:2] or t.shape[3] != k.shape[3] or t.shape[2] < 1):
+                return None
+        return layer if values.shape == keys.shape else None
