@@ -42,16 +42,18 @@ VARIANTS: Dict[str, Any] = {
     "int4-g32-fzero": {"quant": ("int4", 32, "float")},
     "int8+head": {"quant": "int8", "lm_head": True}, "w8a8+head": {"quant": "w8a8", "lm_head": True},
     "int4+head": {"quant": "int4", "lm_head": True},
+    # the same patch with the decode-layer kernel off (kernswap.set_decode_path): every op of a decode step its own call
+    "int4+head per-op": {"quant": "int4", "lm_head": True, "decode_path": False},
 }
-# bf16 is a speed baseline only; every other variant and peer also gets perplexity and KL
-NO_QUALITY = ("bf16",)
+# speed-only rows; every other variant and peer also gets perplexity and KL
+NO_QUALITY = ("bf16", "int4+head per-op")  # int4+head per-op: int4+head's weights
 # quality only in the default grid (their speed is that of the int4 / w8a8 rows' kernels), timed with --full
 QUALITY_ONLY_DEFAULT = ("w4a8", "int4-g32-asym", "int4-g32-fzero")
 # peers measured with --full only: torchao's int4 CPU path takes ~40 s per 512-token forward here
 FULL_ONLY = ("torchao-int4-hqq",)
 SLOW_ROUND_S = 10.0  # a model whose first timed round takes longer is not timed again (its one round counts)
 # decode with 4 and 16 prompts at once (generate on a batch): the formats where batching changes the picture
-BATCH_VARIANTS = ("fp32", "int8+head", "w8a8+head", "int4+head", "torchao-int8dyn")
+BATCH_VARIANTS = ("fp32", "int8+head", "w8a8+head", "int4+head", "int4+head per-op", "torchao-int8dyn")
 
 
 def _settings(quick: bool, full: bool = False) -> Dict[str, Any]:
@@ -94,7 +96,10 @@ def build_variants(base, ctx: H.Context, s: Dict[str, Any]) -> Tuple[Dict[str, A
         else:
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
-            rep = kernswap.patch(m, progress=False, keep_originals=False, **_patch_kwargs(spec))
+            kw = _patch_kwargs(spec)
+            decode_path = kw.pop("decode_path", True)
+            rep = kernswap.patch(m, progress=False, keep_originals=False, **kw)
+            kernswap.set_decode_path(m, decode_path)
             print(f"[e2e] patched {name}: {rep.num_swapped} layers in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr)
         models[name] = P.TorchLM(m, module_memory(m))
@@ -241,7 +246,8 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             versus("int4 decode vs llama.cpp Q4_0", "int4+head", "llama.cpp-Q4_0", "decode_tps", 0.8),
             versus("int8 decode vs llama.cpp Q8_0", "int8+head", "llama.cpp-Q8_0", "decode_tps", 0.8),
             speedup("w8a8 prefill >= 2x fp32", "w8a8+head", "prefill_speedup", 2.0),
-            versus("w8a8 prefill vs llama.cpp Q8_0", "w8a8+head", "llama.cpp-Q8_0", "prefill_s", 0.8)]
+            versus("w8a8 prefill vs llama.cpp Q8_0", "w8a8+head", "llama.cpp-Q8_0", "prefill_s", 0.8),
+            versus("decode-layer kernel vs per-op decode", "int4+head", "int4+head per-op", "decode_tps", 1.0)]
     for mine, peers in (("int8+head", ("torchao-int8wo",)), ("w8a8+head", ("torchao-int8dyn",)),
                         ("int4+head", ("torchao-int4-hqq",))):
         out += [versus(f"{mine} decode vs {p}", mine, p, "decode_tps", 1.0) for p in peers]

@@ -168,6 +168,8 @@ def machine_name(ctx: Context) -> str:
         model = model.replace(junk, " ")
     words = [w for w in model.replace("-", " ").split() if w and not w.endswith("ghz") and w != "intel"]
     slug = "-".join(words[:3]) or "cpu"
+    if "amd" in words and "avx512f" in cpu_flags():  # the EPYCs lent here are AVX2-only or AVX-512 (Zen 4)
+        slug += "-avx512"
     return f"{slug}-{os.cpu_count()}c-{ctx.threads}t"
 
 

@@ -115,9 +115,12 @@ class QuantLinear(CachedRunnerModule):
     @property
     def qweight(self) -> QuantizedWeight:
         """The buffers viewed as a QuantizedWeight (no copy; rebuilt only when a buffer object changes)."""
-        # a replaced `.data`, an in-place edit or edited sizes / config are re-validated below
-        key = tensor_key(self.packed, self.scale, self.zero) + (self.in_features, self.out_features, id(self.config))
-        cached = self.__dict__.get("_qweight_cache")
+        # a replaced `.data`, an in-place edit or edited sizes / config are re-validated below; torch.compile traces
+        # the construction (the graph's guards cover the buffers) and neither reads nor writes the cache
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (tensor_key(self.packed, self.scale, self.zero)
+                                      + (self.in_features, self.out_features, id(self.config)))
+        cached = None if compiling else self.__dict__.get("_qweight_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
         cfg = self.config
@@ -125,7 +128,8 @@ class QuantLinear(CachedRunnerModule):
                                group_size=cfg.group_size if cfg.weight_bits == 4 else self.in_features,
                                symmetric=cfg.symmetric, in_features=self.in_features,
                                out_features=self.out_features, dynamic_activations=cfg.dynamic_activations)
-        self.__dict__["_qweight_cache"] = (key, qw)
+        if not compiling:  # (a cache written while tracing would be guarded on, and every eager call retrace)
+            self.__dict__["_qweight_cache"] = (key, qw)
         return qw
 
     def dequantize_weight(self) -> torch.Tensor:
