@@ -361,3 +361,53 @@ def test_generated_cache_equals_per_op_cache():
         assert a.keys.shape == b.keys.shape
         torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=_logit_tol(b.keys))
         torch.testing.assert_close(a.values, b.values, rtol=0, atol=_logit_tol(b.values))
+
+
+# ---------------------------------------------------------------------------------------------- the model-level loop
+@pytest.fixture
+def model_steps(monkeypatch):
+    from kernswap.nn.decode_model import DecodeModelForward
+
+    n = {"steps": 0}
+    real = DecodeModelForward._step
+
+    def counted(self, *a):
+        n["steps"] += 1
+        return real(self, *a)
+
+    monkeypatch.setattr(DecodeModelForward, "_step", counted)
+    return n
+
+
+@pytest.mark.parametrize("family", DENSE)
+def test_model_loop_same_tokens(family, model_steps, steps):
+    from kernswap.nn.decode_model import DecodeModelForward
+
+    model = _patched(family, FORMATS["int4-g32-asym"])
+    assert isinstance(model.model.__dict__.get("forward"), DecodeModelForward)
+    tokens, logits = _generate(model)
+    assert model_steps["steps"] == NEW - 1 and steps["steps"] == 2 * (NEW - 1)
+    set_decode_path(model, False)
+    ref_tokens, ref_logits = _generate(model)
+    assert model_steps["steps"] == NEW - 1
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_logit_tol(ref_logits))
+
+
+def test_model_loop_all_ones_mask_and_hooks(model_steps):
+    model = _patched("llama")
+    mask = torch.ones_like(IDS)
+    tokens, _ = _generate(model, attention_mask=mask)
+    assert model_steps["steps"] == NEW - 1, "an all-ones mask is no mask"
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda mod, a, out: seen.append(1))
+    hooked, _ = _generate(model, attention_mask=mask)
+    handle.remove()
+    assert model_steps["steps"] == NEW - 1, "a hooked layer: the model's own forward"
+    assert len(seen) == NEW and torch.equal(hooked, tokens)
+
+
+def test_model_loop_removed_by_unpatch():
+    model = _patched("qwen3")
+    kernswap.unpatch(model)
+    assert "forward" not in model.model.__dict__

@@ -384,9 +384,12 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
 
             decoders = install_decode_path(model)
             records.extend(decoders)
-            if decoders:
-                report.notes.append(f"decode steps (one new token per sequence, fp32, no mask) of {len(decoders)} "
-                                    f"decoder layers run kernswap's decode-layer kernel: two calls a layer")
+            n_layers = sum(type(r.layer).__name__ != type(model).__name__ and hasattr(r.layer, "self_attn")
+                           for r in decoders)
+            if n_layers:
+                report.notes.append(f"decode steps (one new token per sequence, fp32, no mask) of {n_layers} "
+                                    f"decoder layers run kernswap's decode-layer kernel: two calls a layer"
+                                    + (", the base model's own loop around them" if len(decoders) > n_layers else ""))
         plan_json = make_plan_json(model, request, report, records)
         if report.swapped:
             data = torch.frombuffer(bytearray(json.dumps(plan_json).encode()), dtype=torch.uint8).clone()

@@ -1,12 +1,14 @@
 """The decode-layer path: patch() (with fused projections) installs kernswap.nn.decode_layer.DecodeForward as the
-``forward`` of each decoder layer whose class and patched parts the decode kernel reads; the undo record removes
-it. Layers of other shapes keep the per-op path."""
+``forward`` of each decoder layer whose class and patched parts the decode kernel reads, and
+kernswap.nn.decode_model.DecodeModelForward as the ``forward`` of a base model all of whose layers have one; the undo
+records remove them. Layers of other shapes keep the per-op path."""
 import dataclasses
 from typing import List
 
 from torch import nn
 
 from ..nn.decode_layer import LAYER_CLASSES, DecodeForward, decode_parts
+from ..nn.decode_model import DecodeModelForward, decode_model_ready
 
 __all__ = ["DecodeOverride", "install_decode_path", "set_decode_path"]
 
@@ -28,6 +30,10 @@ def install_decode_path(model: nn.Module) -> List[DecodeOverride]:
         if type(mod).__name__ in LAYER_CLASSES and "forward" not in mod.__dict__ and decode_parts(mod) is not None:
             mod.__dict__["forward"] = DecodeForward(mod)
             records.append(DecodeOverride(mod))
+    for mod in model.modules():  # base models all of whose layers got one: the model-level decode loop too
+        if "forward" not in mod.__dict__ and decode_model_ready(mod):
+            mod.__dict__["forward"] = DecodeModelForward(mod)
+            records.append(DecodeOverride(mod))
     return records
 
 
@@ -39,7 +45,7 @@ def set_decode_path(model: nn.Module, enabled: bool) -> int:
     n = 0
     for mod in model.modules():
         fwd = mod.__dict__.get("forward")
-        if isinstance(fwd, DecodeForward):
+        if isinstance(fwd, (DecodeForward, DecodeModelForward)):
             fwd.enabled = enabled
-            n += 1
+            n += isinstance(fwd, DecodeForward)
     return n
