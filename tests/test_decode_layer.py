@@ -411,3 +411,64 @@ def test_model_loop_removed_by_unpatch():
     model = _patched("qwen3")
     kernswap.unpatch(model)
     assert "forward" not in model.model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------- the one-call plan
+def _native_plan(**over):
+    C = _ext.get_C()
+    layer, w, h, d, hq, hkv = _one_layer()
+    n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+    a = dict(H=h, Hq=hq, Hkv=hkv, D=d, I=layer.mlp.down_proj.in_features, norm1_ptr=n1.data_ptr(),
+             norm1_numel=n1.numel(), eps1=1e-6, norm2_ptr=n2.data_ptr(), norm2_numel=n2.numel(), eps2=1e-6,
+             q_norm_ptr=0, q_norm_numel=0, k_norm_ptr=0, k_norm_numel=0, qk_eps=0.0, scaling=d ** -0.5, qkv=w[0],
+             o=w[1], gate_up=w[2], down=w[3])
+    a.update(over)
+    return (lambda: C.DecodeLayerPlan(**a)), (layer, h, d, hkv)
+
+
+def _native_step(plan, h, d, hkv, cap=8, pos=3, **over):
+    x, out = torch.randn(1, h), torch.empty(1, h)
+    cos, sin = torch.ones(1, d), torch.zeros(1, d)
+    k, v = torch.randn(1, hkv, cap, d), torch.randn(1, hkv, cap, d)
+    a = dict(x_ptr=x.data_ptr(), x_numel=x.numel(), M=1, cos_ptr=cos.data_ptr(), cos_numel=cos.numel(),
+             sin_ptr=sin.data_ptr(), sin_numel=sin.numel(), k_ptr=k.data_ptr(), k_numel=k.numel(), ks0=k.stride(0),
+             ks1=k.stride(1), ks2=k.stride(2), v_ptr=v.data_ptr(), v_numel=v.numel(), vs0=v.stride(0),
+             vs1=v.stride(1), vs2=v.stride(2), pos=pos, capacity=cap, out_ptr=out.data_ptr(), out_numel=out.numel(),
+             num_threads=1)
+    a.update(over)
+    return (lambda: plan.step(**a)), (x, out, k, v, cos, sin)  # (the call reads them: they must stay alive)
+
+
+def test_native_step_writes_the_cache_position():
+    make, (layer, h, d, hkv) = _native_plan()
+    call, (x, out, k, v, *_) = _native_step(make(), h, d, hkv)
+    before = k.clone()
+    call()
+    assert torch.equal(k[:, :, :3], before[:, :, :3]) and torch.equal(k[:, :, 4:], before[:, :, 4:])
+    assert not torch.equal(k[:, :, 3], before[:, :, 3]) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("over, substr", [
+    (dict(norm1_numel=3), "norm1_numel must be >= 64"),
+    (dict(Hq=3), "Hq must be a multiple of Hkv=2"),
+    (dict(I=7), "gate_up must be [N=14"),
+    (dict(k_norm_ptr=1, k_norm_numel=16), "must be given together"),
+])
+def test_native_plan_rejects(over, substr):
+    make, _ = _native_plan(**over)
+    assert_raises(make, (ValueError, RuntimeError), substr)
+
+
+@pytest.mark.parametrize("over, substr", [
+    (dict(pos=8), "capacity must be >= 9"),
+    (dict(pos=-1), "pos"),
+    (dict(k_numel=100), "k_numel must be >="),
+    (dict(vs2=100), "v_numel must be >="),
+    (dict(ks1=-16), "k strides must be >= 0"),
+    (dict(x_numel=1), "x_numel must be >= 64"),
+    (dict(M=0), "M"),
+])
+def test_native_step_rejects(over, substr):
+    make, (layer, h, d, hkv) = _native_plan()
+    call, _ = _native_step(make(), h, d, hkv, **over)
+    assert_raises(call, (ValueError, RuntimeError), substr)

@@ -121,5 +121,27 @@ void decode_attn_out(const DecodeAttnOutArgs& a) {
   for (int64_t i = 0; i < M * H; ++i) a.out[i] += h[i];
 }
 
+void decode_layer_step(DecodeAttnInArgs in, DecodeAttnOutArgs out, int64_t pos) {
+  static thread_local std::vector<float> qkv_buf;
+  const int64_t n = in.qkv.N, D = in.D;
+  in.qkv_out = scratch(qkv_buf, in.M * n);
+  decode_attn_in(in);
+  for (int64_t m = 0; m < in.M; ++m) {
+    const float* row = in.qkv_out + m * n;
+    for (int64_t j = 0; j < in.Hkv; ++j) {
+      const float* k = row + (in.Hq + j) * D;
+      const float* v = row + (in.Hq + in.Hkv + j) * D;
+      float* kd = const_cast<float*>(out.k) + m * out.ks0 + j * out.ks1 + pos * out.ks2;
+      float* vd = const_cast<float*>(out.v) + m * out.vs0 + j * out.vs1 + pos * out.vs2;
+      std::copy(k, k + D, kd);
+      std::copy(v, v + D, vd);
+    }
+  }
+  out.q = in.qkv_out;
+  out.q_row_stride = n;
+  out.L = pos + 1;
+  decode_attn_out(out);
+}
+
 }  // namespace cpu
 }  // namespace kernswap

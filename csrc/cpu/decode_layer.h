@@ -64,5 +64,11 @@ struct DecodeAttnOutArgs {
 void decode_attn_in(const DecodeAttnInArgs& a);
 void decode_attn_out(const DecodeAttnOutArgs& a);
 
+// Both halves in one call, with the cache append in between: the new keys and values are written at position
+// `pos` of the caller's key / value buffers (out.k / out.v, strides out.ks* / out.vs*, room for out.L >= pos + 1
+// positions), then attention runs over positions 0..pos. in.qkv_out and out.q / out.q_row_stride / out.L are set
+// here (qkv goes to scratch).
+void decode_layer_step(DecodeAttnInArgs in, DecodeAttnOutArgs out, int64_t pos);
+
 }  // namespace cpu
 }  // namespace kernswap

@@ -139,6 +139,10 @@ class _Plan:
         self.qk = (norms[2].data_ptr(), self.d, norms[3].data_ptr(), self.d, kn.variance_epsilon) if qn is not None \
             else (0, 0, 0, 0, 0.0)
         self.state = _versions(self.tensors)
+        C = _ext.get_C()
+        self.native = None if not hasattr(C, "DecodeLayerPlan") else C.DecodeLayerPlan(
+            self.h, self.hq, self.hkv, self.d, self.inter, *self.norms[0], *self.norms[1], *self.qk, self.scaling,
+            *self.weights)
         self.valid = (self.idx is not None and self.impl in ("sdpa", "eager", None)
                       and all(c.backend.value in ("auto", "cpu") for c in self.configs)
                       and all(m.packed.device.type == "cpu" for m in self.mods)
@@ -208,15 +212,25 @@ class DecodeForward:
 
     # ------------------------------------------------------------------ the step
     def _step(self, x, kwargs, plan: _Plan):
-        C = _ext.get_C()
-        w_qkv, w_o, w_gu, w_down = plan.weights
         hq, hkv, d = plan.hq, plan.hkv, plan.d
         b, h = x.shape[0], x.shape[-1]
         x2 = x.reshape(b, h).contiguous()
-        # one position for the whole batch (position_ids of one row) broadcasts like it does in the layer's RoPE
-        cos, sin = (t.expand(b, 1, d).reshape(b, d).contiguous() for t in kwargs["position_embeddings"])
-        nq = (hq + 2 * hkv) * d
+        cos, sin = _rope_rows(kwargs["position_embeddings"], b, d)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         nt = torch.get_num_threads()
+        slot = None if plan.native is None else self._kv.reserve(cache, plan.idx, b, hkv, d)
+        out = torch.empty(b, h)
+        if slot is not None:  # one call: the kernel writes the new key and value into the cache's buffer
+            layer, kbuf, vbuf, n = slot
+            plan.native.step(x2.data_ptr(), x2.numel(), b, cos.data_ptr(), cos.numel(), sin.data_ptr(), sin.numel(),
+                             kbuf.data_ptr(), kbuf.numel(), *kbuf.stride()[:3], vbuf.data_ptr(), vbuf.numel(),
+                             *vbuf.stride()[:3], n, kbuf.shape[2], out.data_ptr(), out.numel(), nt)
+            self._kv.commit(layer, kbuf, vbuf, n)
+            return out.view(b, 1, h)
+        # two calls around the cache's own update (a sliding-window layer, the first step of a new cache layer)
+        C = _ext.get_C()
+        w_qkv, w_o, w_gu, w_down = plan.weights
+        nq = (hq + 2 * hkv) * d
         qkv = torch.empty(b, nq)
         (n1_ptr, n1_numel, n1_eps), (n2_ptr, n2_numel, n2_eps) = plan.norms
         C.decode_attn_in(x2.data_ptr(), x2.numel(), b, h, n1_ptr, n1_numel, n1_eps, w_qkv, cos.data_ptr(),
@@ -224,16 +238,28 @@ class DecodeForward:
                          nt)
         k = qkv[:, hq * d:(hq + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
         v = qkv[:, (hq + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         keys, values = self._kv.append(cache, plan.idx, k, v)
         if (keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.dim() != 4
                 or keys.shape[:2] != (b, hkv) or keys.shape[-1] != d or values.shape != keys.shape
                 or keys.stride(-1) != 1 or values.stride(-1) != 1):
             raise RuntimeError(f"kernswap decode path: the cache returned keys {tuple(keys.shape)} {keys.dtype} / "
                                f"values {tuple(values.shape)} {values.dtype}, expected [{b}, {hkv}, L, {d}] fp32")
-        out = torch.empty(b, h)
         C.decode_attn_out(x2.data_ptr(), x2.numel(), qkv.data_ptr(), qkv.numel(), nq, keys.data_ptr(), extent(keys),
                           *keys.stride()[:3], values.data_ptr(), extent(values), *values.stride()[:3],
                           keys.shape[2], b, h, hq, hkv, d, plan.scaling, w_o, n2_ptr, n2_numel, n2_eps, w_gu, w_down,
                           plan.inter, out.data_ptr(), out.numel(), nt)
         return out.view(b, 1, h)
+
+
+_ROPE_MEMO = [None, None]  # [(position_embeddings tuple, batch), (cos rows, sin rows)]: one step's layers share it
+
+
+def _rope_rows(pe, b: int, d: int):
+    """cos and sin as contiguous [b, d] rows (one position for the whole batch broadcasts, as in the layer's RoPE);
+    made once per step: every layer of a step gets the same position_embeddings object."""
+    memo = _ROPE_MEMO
+    if memo[0] is not None and memo[0][0] is pe and memo[0][1] == b:
+        return memo[1]
+    rows = tuple(t.expand(b, 1, d).reshape(b, d).contiguous() for t in pe)
+    memo[0], memo[1] = (pe, b), rows
+    return rows

@@ -32,30 +32,43 @@ class KVAppender:
 
     def append(self, cache, idx: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``cache.update(k, v, idx)`` for k, v of [B, Hkv, 1, D] fp32; the keys and values to attend to."""
-        layer = self._layer(cache, idx, k)
-        if layer is None:
+        slot = self.reserve(cache, idx, k.shape[0], k.shape[1], k.shape[3])
+        if slot is None:
             return cache.update(k, v, idx)
-        keys, values = layer.keys, layer.values
-        rec = self._buffers.get(layer)
-        if rec is None or rec[2] is not keys or rec[3] is not values:
-            rec = None  # not our views any more (or never were): start from the layer's tensors
-        n = keys.shape[2]
-        kbuf, vbuf = (rec[0], rec[1]) if rec is not None else (None, None)
-        if kbuf is None or n >= kbuf.shape[2]:
-            cap = n + max(n, MIN_ROOM)
-            kbuf, vbuf = (torch.empty(t.shape[0], t.shape[1], cap, t.shape[3], dtype=t.dtype) for t in (keys, values))
-            kbuf[:, :, :n].copy_(keys)
-            vbuf[:, :, :n].copy_(values)
+        layer, kbuf, vbuf, n = slot
         kbuf[:, :, n:n + 1].copy_(k)
         vbuf[:, :, n:n + 1].copy_(v)
+        return self.commit(layer, kbuf, vbuf, n)
+
+    def reserve(self, cache, idx: int, b: int, hkv: int, d: int):
+        """(layer, key buffer, value buffer, n) with room at position n (the cache's length) for one more key and
+        value of [b, hkv, d], the first n positions holding the layer's keys and values; None when the layer is not
+        one this appends to (then ``cache.update`` is the way)."""
+        layer = self._layer(cache, idx, b, hkv, d)
+        if layer is None:
+            return None
+        keys, values = layer.keys, layer.values
+        rec = self._buffers.get(layer)
+        n = keys.shape[2]
+        if rec is not None and rec[2] is keys and rec[3] is values and n < rec[0].shape[2]:
+            return layer, rec[0], rec[1], n
+        # not our views any more (or never were), or full: a new buffer from the layer's tensors
+        cap = n + max(n, MIN_ROOM)
+        kbuf, vbuf = (torch.empty(t.shape[0], t.shape[1], cap, t.shape[3], dtype=t.dtype) for t in (keys, values))
+        kbuf[:, :, :n].copy_(keys)
+        vbuf[:, :, :n].copy_(values)
+        return layer, kbuf, vbuf, n
+
+    def commit(self, layer, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Position n of the buffers is written: the layer's keys and values become their first n + 1 positions."""
         layer.keys, layer.values = kbuf[:, :, :n + 1], vbuf[:, :, :n + 1]
         self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values)
         return layer.keys, layer.values
 
     @staticmethod
-    def _layer(cache, idx: int, k: torch.Tensor) -> Optional[object]:
+    def _layer(cache, idx: int, b: int, hkv: int, d: int) -> Optional[object]:
         """The cache's layer ``idx`` when it is a plain DynamicLayer already holding fp32 CPU keys and values of
-        k's batch, heads and head size (what update would concatenate to), else None."""
+        [b, hkv, L, d] (what update would concatenate to), else None."""
         layers = getattr(cache, "layers", None)
         if getattr(cache, "offloading", False) or layers is None or idx >= len(layers):
             return None
@@ -65,6 +78,6 @@ class KVAppender:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         for t in (keys, values):
             if (type(t) is not torch.Tensor or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
-                    or t.shape[:2] != k.shape[:2] or t.shape[3] != k.shape[3] or t.shape[2] < 1):
+                    or t.shape[0] != b or t.shape[1] != hkv or t.shape[3] != d or t.shape[2] < 1):
                 return None
         return layer if values.shape == keys.shape else None
