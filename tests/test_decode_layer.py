@@ -11,7 +11,7 @@ from kernswap.nn.decode_layer import DecodeForward
 from kernswap.patching import load_quantized, save_quantized, set_decode_path
 from kernswap.testing.tiny import MOE_FAMILIES, tiny_model
 
-from conftest import assert_raises
+from conftest import ISAS, assert_raises, use_isa
 
 pytestmark = pytest.mark.skipif(not _ext.have_cpu_ext(), reason="the compiled extension is not built")
 
@@ -67,6 +67,21 @@ def test_same_tokens_as_per_op_path(family, fmt, steps):
     assert set_decode_path(model, False) == len(layers)
     ref_tokens, ref_logits = _generate(model)
     assert steps["steps"] == model.config.num_hidden_layers * (NEW - 1), "off: no step took the kernel"
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_logit_tol(ref_logits))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["w8a8", "int4-g32-fzero"])
+def test_every_isa_tier(isa, fmt, steps):
+    """The kernel's matmuls run on the forced tier (its elementwise parts are plain loops): the same tokens and
+    logits as the per-op path on that tier."""
+    with use_isa(isa):
+        model = _patched("qwen3", FORMATS[fmt])
+        tokens, logits = _generate(model)
+        assert steps["steps"] > 0
+        set_decode_path(model, False)
+        ref_tokens, ref_logits = _generate(model)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_logit_tol(ref_logits))
 
