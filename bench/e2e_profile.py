@@ -4,8 +4,9 @@
     python bench/e2e_profile.py --quant int4    # one format
 
 Wall-clock timers around: the whole generate() call, the model's forward, the decoder layers' decode steps, the
-compiled decode-layer call inside them, and the output head; the shares are per decoded token (the prefill of the
-32-token prompt is timed apart and left out). The timers add ~1 us each. Medians of the rounds.
+compiled decode-layer call inside them, and the output head, counting decode steps only (one position); the shares
+are per decoded token (a prefill of the 32-token prompt, timed apart, is taken out of the total). The timers add
+~1 us each. Medians of the rounds.
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ except ImportError:
 import harness as H  # noqa: E402
 
 
-def _timed(acc, key, fn):
+def _timed(acc, key, fn, decode_only=False):
+    """fn with a timer; decode_only: count only calls on one position (input_ids or hidden states [B, 1, ...])."""
     def wrapper(*a, **k):
+        x = a[0] if a else k.get("input_ids")
+        if decode_only and not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == 1):
+            return fn(*a, **k)
         t0 = time.perf_counter()
         try:
             return fn(*a, **k)
@@ -44,8 +49,8 @@ def profile(quant: str, new_tokens: int, rounds: int):
     kernswap.patch(model, quant=quant, lm_head=True, progress=False)
     prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
     acc = {}
-    model.forward = _timed(acc, "forward", model.forward)
-    model.lm_head.forward = _timed(acc, "lm_head", model.lm_head.forward)
+    model.forward = _timed(acc, "forward", model.forward, decode_only=True)
+    model.lm_head.forward = _timed(acc, "lm_head", model.lm_head.forward, decode_only=True)
     real_step = DecodeForward._step
     DecodeForward._step = lambda self, *a, **k: _timed(acc, "layer steps", real_step)(self, *a, **k)
     plans = []
@@ -74,18 +79,17 @@ def profile(quant: str, new_tokens: int, rounds: int):
         rows = []
         for _ in range(rounds):
             acc.clear()
-            with torch.no_grad():  # the prefill alone, to take it out of the per-token shares
+            with torch.no_grad():  # the prefill alone, to take it out of the generate loop's share
                 t0 = time.perf_counter()
-                model(prompt, use_cache=True, logits_to_keep=1)
+                model(prompt, use_cache=True)
                 pre = time.perf_counter() - t0
-            pre_acc = dict(acc)
             acc.clear()
             t0 = time.perf_counter()
             gen()
             total = time.perf_counter() - t0
-            per = {k: (acc.get(k, 0.0) - pre_acc.get(k, 0.0) * (k != "layer steps")) / new_tokens * 1e3
+            per = {k: acc.get(k, 0.0) / (new_tokens - 1) * 1e3
                    for k in ("forward", "lm_head", "layer steps", "compiled layer calls")}
-            per["total"] = (total - pre) / new_tokens * 1e3
+            per["total"] = (total - pre) / (new_tokens - 1) * 1e3
             rows.append(per)
     finally:
         DecodeForward._step = real_step

@@ -210,6 +210,18 @@ class DecodeForward:
             return None
         return plan
 
+    def after_checks(self, x: torch.Tensor, kwargs, d: int):
+        """This layer's forward for the base model's decode loop, which checked the call (grad, compile, the cache,
+        the mask, RoPE rows of head size ``d``) on its first layer with :meth:`_prepared`: only this layer's own
+        plan and cache layer are checked here."""
+        plan = self._layer_plan() if self.enabled else None
+        if plan is None or plan.d != d or x.shape[-1] != plan.h or x.dtype != torch.float32:
+            return self(x, **kwargs)
+        layers = kwargs["cache"].layers
+        if plan.idx < len(layers) and type(layers[plan.idx]).__name__ not in CACHE_LAYERS:
+            return self(x, **kwargs)
+        return self._step(x, kwargs, plan)
+
     # ------------------------------------------------------------------ the step
     def _step(self, x, kwargs, plan: _Plan):
         hq, hkv, d = plan.hq, plan.hkv, plan.d

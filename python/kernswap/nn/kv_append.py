@@ -44,14 +44,19 @@ class KVAppender:
         """(layer, key buffer, value buffer, n) with room at position n (the cache's length) for one more key and
         value of [b, hkv, d], the first n positions holding the layer's keys and values; None when the layer is not
         one this appends to (then ``cache.update`` is the way)."""
+        layers = getattr(cache, "layers", None)
+        layer = layers[idx] if type(layers) is list and idx < len(layers) else None
+        rec = None if layer is None else self._buffers.get(layer)
+        if (rec is not None and rec[2] is layer.keys and rec[3] is layer.values and not getattr(cache, "offloading", False)
+                and rec[4] == (b, hkv, d)):  # our views, untouched: only the room is left to check
+            n = rec[2].shape[2]
+            if n < rec[0].shape[2]:
+                return layer, rec[0], rec[1], n
         layer = self._layer(cache, idx, b, hkv, d)
         if layer is None:
             return None
         keys, values = layer.keys, layer.values
-        rec = self._buffers.get(layer)
         n = keys.shape[2]
-        if rec is not None and rec[2] is keys and rec[3] is values and n < rec[0].shape[2]:
-            return layer, rec[0], rec[1], n
         # not our views any more (or never were), or full: a new buffer from the layer's tensors
         cap = n + max(n, MIN_ROOM)
         kbuf, vbuf = (torch.empty(t.shape[0], t.shape[1], cap, t.shape[3], dtype=t.dtype) for t in (keys, values))
@@ -62,7 +67,7 @@ class KVAppender:
     def commit(self, layer, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Position n of the buffers is written: the layer's keys and values become their first n + 1 positions."""
         layer.keys, layer.values = kbuf[:, :, :n + 1], vbuf[:, :, :n + 1]
-        self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values)
+        self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values, (kbuf.shape[0], kbuf.shape[1], kbuf.shape[3]))
         return layer.keys, layer.values
 
     @staticmethod
