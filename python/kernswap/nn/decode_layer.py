@@ -210,11 +210,15 @@ class DecodeForward:
             return None
         return plan
 
-    def after_checks(self, x: torch.Tensor, kwargs, d: int):
+    def layer_plan(self) -> Optional[_Plan]:
+        """This layer's current plan (None: its parts do not fit the kernel, or the path is off)."""
+        return self._layer_plan() if self.enabled else None
+
+    def after_checks(self, x: torch.Tensor, kwargs, d: int, plan: Optional[_Plan]):
         """This layer's forward for the base model's decode loop, which checked the call (grad, compile, the cache,
-        the mask, RoPE rows of head size ``d``) on its first layer with :meth:`_prepared`: only this layer's own
-        plan and cache layer are checked here."""
-        plan = self._layer_plan() if self.enabled else None
+        the mask, RoPE rows of head size ``d``) on its first layer with :meth:`_prepared`, and took ``plan`` from
+        :meth:`layer_plan` at the start of this step (all layers' checks in one go, while their objects are still
+        in cache): only the plan's fit and this layer's cache layer are checked here."""
         if plan is None or plan.d != d or x.shape[-1] != plan.h or x.dtype != torch.float32:
             return self(x, **kwargs)
         layers = kwargs["cache"].layers

@@ -115,11 +115,15 @@ class DecodeModelForward:
             pos = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long)
         pe = model.rotary_emb(h, position_ids=pos)
         kw = dict(attention_mask=None, position_embeddings=pe, position_ids=pos, cache=cache, use_cache=True)
-        layers = model.layers[: model.config.num_hidden_layers]
-        first = layers[0].__dict__["forward"]
+        fwds = [layer.__dict__["forward"] for layer in model.layers[: model.config.num_hidden_layers]]
+        first = fwds[0]
         plan = first._prepared(h, kw)  # the call-level checks, once: the other layers check only their own parts
-        h = first(h, **kw) if plan is None else first._step(h, kw, plan)
-        for layer in layers[1:]:
-            fwd = layer.__dict__["forward"]
-            h = fwd(h, **kw) if plan is None else fwd.after_checks(h, kw, plan.d)
+        if plan is None:
+            for fwd in fwds:
+                h = fwd(h, **kw)
+        else:
+            plans = [fwd.layer_plan() for fwd in fwds[1:]]  # every layer's checks before any kernel evicts them
+            h = first._step(h, kw, plan)
+            for fwd, p in zip(fwds[1:], plans):
+                h = fwd.after_checks(h, kw, plan.d, p)
         return _output_class()(last_hidden_state=model.norm(h), cache=cache)
