@@ -51,8 +51,12 @@ def profile(quant: str, new_tokens: int, rounds: int):
     acc = {}
     model.forward = _timed(acc, "forward", model.forward, decode_only=True)
     model.lm_head.forward = _timed(acc, "lm_head", model.lm_head.forward, decode_only=True)
-    real_step = DecodeForward._step
+    from kernswap.nn import decode_model
+
+    real_step, real_loop = DecodeForward._step, decode_model._one_call_per_layer
     DecodeForward._step = lambda self, *a, **k: _timed(acc, "layer steps", real_step)(self, *a, **k)
+    # the base model's loop over the layers' prepared calls (when it takes the step, no _step runs)
+    decode_model._one_call_per_layer = _timed(acc, "layer steps", real_loop)
     plans = []
     real_init = _Plan.__init__
 
@@ -92,7 +96,7 @@ def profile(quant: str, new_tokens: int, rounds: int):
             per["total"] = (total - pre) / (new_tokens - 1) * 1e3
             rows.append(per)
     finally:
-        DecodeForward._step = real_step
+        DecodeForward._step, decode_model._one_call_per_layer = real_step, real_loop
         _Plan.__init__ = real_init
     med = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in rows[0]}
     return {"quant": f"{quant}+head", "ms_per_token": med["total"], "tok_s": 1e3 / med["total"],

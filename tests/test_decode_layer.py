@@ -34,6 +34,16 @@ def steps(monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(DecodeForward, "_step", counted)
+    from kernswap.nn import decode_model
+
+    real_loop = decode_model._one_call_per_layer
+
+    def counted_loop(fwds, *a):  # the base model's loop runs every layer's step itself: one per layer
+        out = real_loop(fwds, *a)
+        n["steps"] += 0 if out is None else len(fwds)
+        return out
+
+    monkeypatch.setattr(decode_model, "_one_call_per_layer", counted_loop)
     return n
 
 

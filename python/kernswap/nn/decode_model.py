@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
-from .decode_layer import DecodeForward
+from .decode_layer import DecodeForward, _rope_rows
 
 __all__ = ["DecodeModelForward", "MODEL_CLASSES", "decode_model_ready"]
 
@@ -122,8 +122,41 @@ class DecodeModelForward:
             for fwd in fwds:
                 h = fwd(h, **kw)
         else:
-            plans = [fwd.layer_plan() for fwd in fwds[1:]]  # every layer's checks before any kernel evicts them
-            h = first._step(h, kw, plan)
-            for fwd, p in zip(fwds[1:], plans):
-                h = fwd.after_checks(h, kw, plan.d, p)
+            plans = [plan] + [fwd.layer_plan() for fwd in fwds[1:]]  # all checks before any kernel evicts them
+            out = _one_call_per_layer(fwds, plans, h, kw, cache)
+            if out is not None:
+                h = out
+            else:
+                h = first._step(h, kw, plan)
+                for fwd, p in zip(fwds[1:], plans[1:]):
+                    h = fwd.after_checks(h, kw, plan.d, p)
         return _output_class()(last_hidden_state=model.norm(h), cache=cache)
+
+
+def _one_call_per_layer(fwds, plans, h: torch.Tensor, kw, cache) -> Optional[torch.Tensor]:
+    """The whole step as one compiled call per layer with every argument prepared up front (the hidden states of
+    each layer in one preallocated block, each layer's cache slot reserved), so nothing but the calls runs between
+    the kernels; None (nothing written) when a layer needs more than that (no plan, another cache layer)."""
+    d = plans[0].d
+    b, hsz = h.shape[0], h.shape[-1]
+    if any(p is None or p.native is None or p.d != d or p.h != hsz for p in plans):
+        return None
+    slots = [fwd._kv.reserve(cache, p.idx, b, p.hkv, d) for fwd, p in zip(fwds, plans)]
+    if any(s is None for s in slots):
+        return None
+    cos, sin = _rope_rows(kw["position_embeddings"], b, d)
+    x = h.reshape(b, hsz).contiguous()
+    outs = torch.empty(len(plans), b, hsz)
+    nt = torch.get_num_threads()
+    calls = []
+    for i, (p, (_, kbuf, vbuf, n)) in enumerate(zip(plans, slots)):
+        src = x if i == 0 else outs[i - 1]
+        calls.append((p.native.step, (src.data_ptr(), b * hsz, b, cos.data_ptr(), cos.numel(), sin.data_ptr(),
+                                      sin.numel(), kbuf.data_ptr(), kbuf.numel(), *kbuf.stride()[:3],
+                                      vbuf.data_ptr(), vbuf.numel(), *vbuf.stride()[:3], n, kbuf.shape[2],
+                                      outs[i].data_ptr(), b * hsz, nt)))
+    for step, args in calls:
+        step(*args)
+    for fwd, (layer, kbuf, vbuf, n) in zip(fwds, slots):
+        fwd._kv.commit(layer, kbuf, vbuf, n)
+    return outs[-1].view(b, 1, hsz)
