@@ -29,9 +29,10 @@ DecodeWeight weight_of(const char* fn, const char* name, const py::tuple& t, int
                t[9].cast<int64_t>());
   const bool zf = t[10].cast<bool>();
   if (bias) need(fn, "bias_numel", bias, t[12].cast<int64_t>(), N, [&] { return dims({{"N", N}}); });
-  return DecodeWeight{ptr_of<const uint8_t>(packed), bits, group, N, K, ptr_of<const float>(scale),
-                      zf ? nullptr : ptr_of<const uint8_t>(zero), zf ? ptr_of<const float>(zero) : nullptr,
-                      ptr_of<const float>(bias), t[13].cast<bool>()};
+  return DecodeWeight{nullptr, DType::F32, 0, K, K, ptr_of<const uint8_t>(packed), bits, group, N,
+                      ptr_of<const float>(scale), zf ? nullptr : ptr_of<const uint8_t>(zero),
+                      zf ? ptr_of<const float>(zero) : nullptr, ptr_of<const float>(bias), nullptr,
+                      DType::F32, N, t[13].cast<bool>(), 1};
 }
 
 void check_heads(const char* fn, int64_t M, int64_t H, int64_t Hq, int64_t Hkv, int64_t D) {

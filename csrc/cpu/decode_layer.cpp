@@ -31,8 +31,9 @@ void rmsnorm(const float* x, int64_t M, int64_t H, const float* w, float eps, fl
 }
 
 void matmul(const DecodeWeight& w, const float* x, int64_t M, float* y, int nthreads) {
-  QLinearArgs q{x, DType::F32, M, w.K, w.K, w.packed, w.bits, w.group_size, w.N, w.scale, w.zero, w.zero_f,
-                w.bias, y, DType::F32, w.N, w.dynamic_act, nthreads};
+  QLinearArgs q = w;
+  q.x = x, q.x_dtype = DType::F32, q.M = M, q.x_row_stride = w.K;
+  q.y = y, q.y_dtype = DType::F32, q.y_row_stride = w.N, q.num_threads = nthreads;
   qlinear(q);
 }
 

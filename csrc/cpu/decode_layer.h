@@ -13,17 +13,9 @@
 namespace kernswap {
 namespace cpu {
 
-// One packed quantized weight (the QLinearArgs weight fields).
-struct DecodeWeight {
-  const uint8_t* packed;
-  int bits;
-  int64_t group_size, N, K;
-  const float* scale;
-  const uint8_t* zero;
-  const float* zero_f;
-  const float* bias;
-  bool dynamic_act;
-};
+// One packed quantized weight: a QLinearArgs with its weight fields set (x, M, y, the strides and the threads are
+// set per matmul).
+using DecodeWeight = QLinearArgs;
 
 struct DecodeAttnInArgs {
   const float* x;         // [M, H] rows (one token per sequence), contiguous
