@@ -1,6 +1,7 @@
 // Binding of the decode-step decoder layer (kernswap._C.decode_attn_in / decode_attn_out, cpu/decode_layer.h).
-// A weight arrives as the tuple (packed, packed_numel, bits, group_size, N, K, scale, scale_numel, zero, zero_numel,
-// zero_is_float, bias, bias_numel, dynamic_act), checked like qlinear's; every buffer with its element count.
+// A weight arrives as qlinear's weight side (python: backends.cpu.weight_args) followed by K and dynamic_act:
+// (packed, packed_numel, bits, group_size, N, scale, scale_numel, zero, zero_numel, zero_is_float, bias, bias_numel,
+// K, dynamic_act), checked like qlinear's; every buffer with its element count.
 #include <pybind11/pybind11.h>
 
 #include <string>
@@ -18,17 +19,17 @@ namespace {
 
 DecodeWeight weight_of(const char* fn, const char* name, const py::tuple& t, int64_t N, int64_t K) {
   if (t.size() != 14) fail(fn, std::string(name) + " must be a 14-tuple, got " + std::to_string(t.size()) + " items");
-  const auto packed = t[0].cast<uintptr_t>(), scale = t[6].cast<uintptr_t>(), zero = t[8].cast<uintptr_t>(),
-             bias = t[11].cast<uintptr_t>();
+  const auto packed = t[0].cast<uintptr_t>(), scale = t[5].cast<uintptr_t>(), zero = t[7].cast<uintptr_t>(),
+             bias = t[10].cast<uintptr_t>();
   const int bits = t[2].cast<int>();
-  const int64_t group = t[3].cast<int64_t>(), n = t[4].cast<int64_t>(), k = t[5].cast<int64_t>();
+  const int64_t group = t[3].cast<int64_t>(), n = t[4].cast<int64_t>(), k = t[12].cast<int64_t>();
   if (n != N || k != K)
     fail(fn, std::string(name) + " must be [N=" + std::to_string(N) + ", K=" + std::to_string(K) + "], got [" +
                  std::to_string(n) + ", " + std::to_string(k) + "]");
-  check_weight(fn, packed, t[1].cast<int64_t>(), bits, group, N, K, scale, t[7].cast<int64_t>(), zero,
-               t[9].cast<int64_t>());
-  const bool zf = t[10].cast<bool>();
-  if (bias) need(fn, "bias_numel", bias, t[12].cast<int64_t>(), N, [&] { return dims({{"N", N}}); });
+  check_weight(fn, packed, t[1].cast<int64_t>(), bits, group, N, K, scale, t[6].cast<int64_t>(), zero,
+               t[8].cast<int64_t>());
+  const bool zf = t[9].cast<bool>();
+  if (bias) need(fn, "bias_numel", bias, t[11].cast<int64_t>(), N, [&] { return dims({{"N", N}}); });
   return DecodeWeight{nullptr, DType::F32, 0, K, K, ptr_of<const uint8_t>(packed), bits, group, N,
                       ptr_of<const float>(scale), zf ? nullptr : ptr_of<const uint8_t>(zero),
                       zf ? ptr_of<const float>(zero) : nullptr, ptr_of<const float>(bias), nullptr,
@@ -42,6 +43,18 @@ void check_heads(const char* fn, int64_t M, int64_t H, int64_t Hq, int64_t Hkv, 
   at_least(fn, "D", D, 2);
   if (D % 2) fail(fn, "D must be even, got " + std::to_string(D));
   if (Hq < Hkv || Hq % Hkv) fail(fn, "Hq must be a multiple of Hkv=" + std::to_string(Hkv) + ", got " + std::to_string(Hq));
+}
+
+// Qwen3's per-head q / k norms: both or neither, D weights each.
+template <class Why>
+void check_qk_norms(const char* fn, uintptr_t q_norm, int64_t q_norm_numel, uintptr_t k_norm, int64_t k_norm_numel,
+                    int64_t D, Why why) {
+  if ((q_norm == 0) != (k_norm == 0))
+    fail(fn, "q_norm_ptr and k_norm_ptr must be given together, got " + std::string(q_norm ? "q_norm only" : "k_norm only"));
+  if (q_norm) {
+    need(fn, "q_norm_numel", q_norm, q_norm_numel, D, why);
+    need(fn, "k_norm_numel", k_norm, k_norm_numel, D, why);
+  }
 }
 
 void attn_in_py(uintptr_t x, int64_t x_numel, int64_t M, int64_t H, uintptr_t norm_w, int64_t norm_numel, float eps,
@@ -60,12 +73,7 @@ void attn_in_py(uintptr_t x, int64_t x_numel, int64_t M, int64_t H, uintptr_t no
   need(fn, "cos_numel", cos, cos_numel, mul(fn, M, D), md);
   need(fn, "sin_numel", sin, sin_numel, mul(fn, M, D), md);
   need(fn, "out_numel", out, out_numel, mul(fn, M, n), md);
-  if ((q_norm == 0) != (k_norm == 0))
-    fail(fn, "q_norm_ptr and k_norm_ptr must be given together, got " + std::string(q_norm ? "q_norm only" : "k_norm only"));
-  if (q_norm) {
-    need(fn, "q_norm_numel", q_norm, q_norm_numel, D, md);
-    need(fn, "k_norm_numel", k_norm, k_norm_numel, D, md);
-  }
+  check_qk_norms(fn, q_norm, q_norm_numel, k_norm, k_norm_numel, D, md);
   py::gil_scoped_release release;
   decode_attn_in(a);
 }
@@ -113,13 +121,7 @@ class DecodeLayerPlan {
     const auto md = [&] { return dims({{"H", H}, {"D", D}, {"I", I}}); };
     need(fn, "norm1_numel", norm1, norm1_numel, H, md);
     need(fn, "norm2_numel", norm2, norm2_numel, H, md);
-    if ((q_norm == 0) != (k_norm == 0))
-      fail(fn, "q_norm_ptr and k_norm_ptr must be given together, got " +
-                   std::string(q_norm ? "q_norm only" : "k_norm only"));
-    if (q_norm) {
-      need(fn, "q_norm_numel", q_norm, q_norm_numel, D, md);
-      need(fn, "k_norm_numel", k_norm, k_norm_numel, D, md);
-    }
+    check_qk_norms(fn, q_norm, q_norm_numel, k_norm, k_norm_numel, D, md);
     const int64_t nq = mul(fn, add(fn, Hq, mul(fn, 2, Hkv)), D), hd = mul(fn, Hq, D);
     in_ = DecodeAttnInArgs{nullptr, 0, H, ptr_of<const float>(norm1), eps1, weight_of(fn, "qkv", qkv, nq, H),
                            nullptr, nullptr, Hq, Hkv, D, ptr_of<const float>(q_norm), ptr_of<const float>(k_norm),

@@ -173,6 +173,18 @@ def test_falls_back_when_a_part_is_replaced(steps):
     attn.o_proj = o
 
 
+def test_sizes_the_kernel_does_not_fit_fall_back(steps):
+    """A config whose head counts no longer match the fused q/k/v layer: the layer's own forward, never an error."""
+    model = _patched("llama")
+    ref = _generate(model)
+    model.config.num_key_value_heads = 1  # the attention modules read their own sizes; the plan reads the config
+    for layer in model.model.layers:
+        layer.__dict__["forward"]._plan = None
+    out = _generate(model)
+    assert steps["steps"] == 2 * (NEW - 1), "only the first generate took the kernel"
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=_logit_tol(ref[1]))
+
+
 def test_weights_changed_in_place_are_read(steps):
     """The prepared pointers are keyed on the buffers' versions: an in-place write to a norm weight is seen."""
     model = _patched("llama")

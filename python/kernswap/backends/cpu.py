@@ -91,6 +91,24 @@ def quantized_linear(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     return run(x2d)
 
 
+def weight_args(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], bits: int, group_size: int, out_features: int):
+    """The weight side of a qlinear call, each buffer with its element count (the bindings check the sizes against
+    them): (packed, packed_numel, bits, group_size, N, scale, scale_numel, zero, zero_numel, zero_is_float, bias,
+    bias_numel), and the tensors the pointers point into, as the kernels read them (contiguous, fp32 scale and bias,
+    uint8 or fp32 zero-points: no copy when they already are)."""
+    packed = packed.contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    # integer zero-points stay uint8, float ones are read as fp32 (formats.base.zero_dtypes)
+    zero = None if zero is None else zero.to(torch.float32 if zero.is_floating_point() else torch.uint8).contiguous()
+    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    wz = (0, 0, False) if zero is None else (zero.data_ptr(), extent(zero), zero.dtype == torch.float32)
+    wb = (0, 0) if bias is None else (bias.data_ptr(), extent(bias))
+    ptrs = (packed.data_ptr(), extent(packed), int(bits), int(group_size), int(out_features), scale.data_ptr(),
+            extent(scale), *wz, *wb)
+    return ptrs, (packed, scale, zero, bias)
+
+
 def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             bits: int, group_size: int, in_features: int, out_features: int, dynamic_act: bool):
     """A runner ``run(x2d) -> y`` for one layer's packed weight (validated, on the CPU): the weight-side
@@ -100,20 +118,10 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tens
     C = _ext.get_C()
     if C is None:
         return None
-    packed = packed.contiguous()
-    scale = scale.to(torch.float32).contiguous()
-    # integer zero-points stay uint8, float ones are read as fp32 (formats.base.zero_dtypes)
-    zero = None if zero is None else zero.to(torch.float32 if zero.is_floating_point() else torch.uint8).contiguous()
-    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    # the weight side of every call, with each buffer's element count (the binding checks the sizes against them)
-    wq = (packed.data_ptr(), extent(packed))
-    ws = (scale.data_ptr(), extent(scale))
-    wz = (0, 0, False) if zero is None else (zero.data_ptr(), extent(zero), zero.dtype == torch.float32)
-    wb = (0, 0) if bias is None else (bias.data_ptr(), extent(bias))
-    ptrs = (*wq, int(bits), int(group_size), int(out_features), *ws, *wz, *wb)
+    ptrs, (packed, scale, zero, bias) = weight_args(packed, scale, zero, bias, bits, group_size, out_features)
     qlinear, codes, k, n, dyn = C.qlinear, DTYPE_CODES, int(in_features), int(out_features), bool(dynamic_act)
     panel = max(16, min((n + 15) // 16 * 16, _PANEL_BYTES // (4 * k) // 16 * 16))
-    deq = (C.qdequant, *wq, int(bits), int(group_size), n, k, *ws, *wz)
+    deq = (C.qdequant, *ptrs[:5], k, *ptrs[5:10])  # (packed, bits, group, N), K, (scale, zero)
 
     def dense(x2d: torch.Tensor) -> torch.Tensor:
         """fp32 GEMM on dequantized panels of at most `panel` weight rows."""

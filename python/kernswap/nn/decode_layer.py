@@ -1,4 +1,5 @@
-"""The decode step of a Llama-style decoder layer in two compiled calls (kernswap._C.decode_attn_in / _out).
+"""The decode step of a Llama-style decoder layer in one compiled call (kernswap._C.DecodeLayerPlan.step; two,
+kernswap._C.decode_attn_in / _out, around a cache layer that appends its keys itself).
 
 A decode step (one new token per sequence) of a patched layer otherwise makes ~60 torch ops and module calls around
 its 4 quantized matmuls: two RMSNorms, RoPE, SDPA and its reshapes, SiLU-mul, two residual adds. :class:`DecodeForward`,
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ext
-from ..backends.cpu import extent
+from ..backends.cpu import extent, weight_args
 from ._state import tensor_key
 from .fused_linear import QuantLinearSlice
 from .kv_append import KVAppender
@@ -82,16 +83,12 @@ def decode_parts(layer: nn.Module):
 
 
 def _weight(mod: QuantLinear) -> tuple:
-    """The binding's 14-tuple for a QuantLinear's buffers (fp32 contiguous bias: decode_parts), and the tensors it
-    points into."""
+    """The binding's weight tuple for a QuantLinear: qlinear's weight side (backends.cpu.weight_args), then K and
+    dynamic_act; and the tensors it points into (the buffers themselves: decode_parts admits only fp32 contiguous
+    biases, and the buffers are stored as the kernels read them)."""
     qw = mod.qweight
-    zero, bias = qw.zero, mod.bias
-    bias = None if bias is None else bias.detach()
-    t = (qw.packed.data_ptr(), extent(qw.packed), qw.bits, qw.group_size, qw.out_features, qw.in_features,
-         qw.scale.data_ptr(), extent(qw.scale), 0 if zero is None else zero.data_ptr(), extent(zero),
-         zero is not None and zero.is_floating_point(), 0 if bias is None else bias.data_ptr(), extent(bias),
-         qw.dynamic_activations)
-    return t, (qw.packed, qw.scale, zero, bias)
+    ptrs, keep = weight_args(qw.packed, qw.scale, qw.zero, mod.bias, qw.bits, qw.group_size, qw.out_features)
+    return (*ptrs, qw.in_features, qw.dynamic_activations), keep
 
 
 def _structure(layer: nn.Module) -> tuple:
@@ -139,14 +136,14 @@ class _Plan:
         self.qk = (norms[2].data_ptr(), self.d, norms[3].data_ptr(), self.d, kn.variance_epsilon) if qn is not None \
             else (0, 0, 0, 0, 0.0)
         self.state = _versions(self.tensors)
-        C = _ext.get_C()
-        self.native = None if not hasattr(C, "DecodeLayerPlan") else C.DecodeLayerPlan(
-            self.h, self.hq, self.hkv, self.d, self.inter, *self.norms[0], *self.norms[1], *self.qk, self.scaling,
-            *self.weights)
         self.valid = (self.idx is not None and self.impl in ("sdpa", "eager", None)
                       and all(c.backend.value in ("auto", "cpu") for c in self.configs)
                       and all(m.packed.device.type == "cpu" for m in self.mods)
                       and qkv.out_features == (self.hq + 2 * self.hkv) * self.d and o.in_features == self.hq * self.d)
+        # built (and checked by the binding) only for a layer the kernel runs: a mismatch falls back, never raises
+        self.native = _ext.get_C().DecodeLayerPlan(
+            self.h, self.hq, self.hkv, self.d, self.inter, *self.norms[0], *self.norms[1], *self.qk, self.scaling,
+            *self.weights) if self.valid else None
 
     def current(self, structure: tuple) -> bool:
         """Still the plan of this layer: the same modules, configs and weight memory, nothing written in place."""
@@ -234,7 +231,7 @@ class DecodeForward:
         cos, sin = _rope_rows(kwargs["position_embeddings"], b, d)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         nt = torch.get_num_threads()
-        slot = None if plan.native is None else self._kv.reserve(cache, plan.idx, b, hkv, d)
+        slot = self._kv.reserve(cache, plan.idx, b, hkv, d)
         out = torch.empty(b, h)
         if slot is not None:  # one call: the kernel writes the new key and value into the cache's buffer
             layer, kbuf, vbuf, n = slot

@@ -139,7 +139,7 @@ def _one_call_per_layer(fwds, plans, h: torch.Tensor, kw, cache) -> Optional[tor
     the kernels; None (nothing written) when a layer needs more than that (no plan, another cache layer)."""
     d = plans[0].d
     b, hsz = h.shape[0], h.shape[-1]
-    if any(p is None or p.native is None or p.d != d or p.h != hsz for p in plans):
+    if any(p is None or p.d != d or p.h != hsz for p in plans):
         return None
     slots = [fwd._kv.reserve(cache, p.idx, b, p.hkv, d) for fwd, p in zip(fwds, plans)]
     if any(s is None for s in slots):

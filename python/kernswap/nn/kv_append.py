@@ -47,11 +47,12 @@ class KVAppender:
         layers = getattr(cache, "layers", None)
         layer = layers[idx] if type(layers) is list and idx < len(layers) else None
         rec = None if layer is None else self._buffers.get(layer)
-        if (rec is not None and rec[2] is layer.keys and rec[3] is layer.values and not getattr(cache, "offloading", False)
-                and rec[4] == (b, hkv, d)):  # our views, untouched: only the room is left to check
-            n = rec[2].shape[2]
-            if n < rec[0].shape[2]:
-                return layer, rec[0], rec[1], n
+        if rec is not None and rec[2] is layer.keys and rec[3] is layer.values and not getattr(cache, "offloading",
+                                                                                            False):
+            kbuf, vbuf, keys, _ = rec  # our views, untouched: only their sizes and the room are left to check
+            n = keys.shape[2]
+            if kbuf.shape[0] == b and kbuf.shape[1] == hkv and kbuf.shape[3] == d and n < kbuf.shape[2]:
+                return layer, kbuf, vbuf, n
         layer = self._layer(cache, idx, b, hkv, d)
         if layer is None:
             return None
@@ -67,7 +68,7 @@ class KVAppender:
     def commit(self, layer, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Position n of the buffers is written: the layer's keys and values become their first n + 1 positions."""
         layer.keys, layer.values = kbuf[:, :, :n + 1], vbuf[:, :, :n + 1]
-        self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values, (kbuf.shape[0], kbuf.shape[1], kbuf.shape[3]))
+        self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values)
         return layer.keys, layer.values
 
     @staticmethod

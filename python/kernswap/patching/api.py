@@ -141,10 +141,10 @@ def patch(
       (weight-only), a format name or QuantConfig in that format. It is the largest weight a small model reads per
       token. A head tied to the input embeddings gets a quantized copy: the embedding table stays in float for
       the token lookups, and ``unpatch`` restores the tie.
-    fuse: True (default) runs q/k/v and gate/up as one quantized call each; on Llama / Mistral / Qwen2 decoder
-      layers it also installs the decode-layer kernel (kernswap.nn.decode_layer): a decode step (one new fp32 token
-      per sequence, no attention mask, a dynamic KV cache) takes two compiled calls per layer, every other call the
-      layer's own forward. :func:`set_decode_path` turns it off and on.
+    fuse: True (default) runs q/k/v and gate/up as one quantized call each; on Llama / Mistral / Qwen2 / Qwen3
+      decoder layers it also installs the decode-layer kernel (kernswap.nn.decode_layer): a decode step (one new fp32
+      token per sequence, no attention mask, a dynamic KV cache) takes one compiled call per layer, every other call
+      the layer's own forward. :func:`set_decode_path` turns it off and on.
 
     Only this instance changes (child modules are replaced through their parent). Any exception part-way
     restores every module already swapped, then re-raises. Patching an already patched model with the same
@@ -384,11 +384,12 @@ def apply_rules(model: nn.Module, rules: list, request: Dict[str, Any], family: 
 
             decoders = install_decode_path(model)
             records.extend(decoders)
-            n_layers = sum(type(r.layer).__name__ != type(model).__name__ and hasattr(r.layer, "self_attn")
-                           for r in decoders)
+            from ..nn.decode_layer import DecodeForward
+
+            n_layers = sum(isinstance(r.layer.__dict__.get("forward"), DecodeForward) for r in decoders)
             if n_layers:
                 report.notes.append(f"decode steps (one new token per sequence, fp32, no mask) of {n_layers} "
-                                    f"decoder layers run kernswap's decode-layer kernel: two calls a layer"
+                                    f"decoder layers run kernswap's decode-layer kernel: one call a layer"
                                     + (", the base model's own loop around them" if len(decoders) > n_layers else ""))
         plan_json = make_plan_json(model, request, report, records)
         if report.swapped:
