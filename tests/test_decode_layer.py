@@ -104,11 +104,13 @@ def test_same_tokens_as_unfused_model():
     assert torch.equal(_generate(fast)[0], _generate(slow)[0])
 
 
-def test_long_cache_parallel_attention(steps):
-    """A cache long enough for the attention to split (sequence, head) pairs over the threads (L * D * pairs >=
-    2^18), GQA with 4 query heads per kv head, head_dim 64, a cache longer than one block of anything."""
-    model = _patched("llama", "int8", hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                     max_position_embeddings=1024)
+@pytest.mark.parametrize("hidden, heads, kv_heads, head_dim", [(128, 8, 2, 64), (96, 12, 2, 40)])
+def test_long_cache_parallel_attention(steps, hidden, heads, kv_heads, head_dim):
+    """A cache long enough for the attention to split (sequence, kv head) pairs over the threads (L * D * M * Hq
+    >= 2^18), GQA with 4 query heads per kv head (the scores as dot products on the cache rows) and with 6 (more
+    rows than that: the packed GEMM), head_dim 64 and 40, a cache longer than one block of anything."""
+    model = _patched("llama", "int8", hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     head_dim=head_dim, max_position_embeddings=1024)
     ids = torch.randint(3, 256, (2, 530), generator=torch.Generator().manual_seed(1))
     tokens, logits = _generate(model, ids)
     assert steps["steps"] > 0

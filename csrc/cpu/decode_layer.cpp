@@ -1,12 +1,18 @@
-// Decode-step decoder layer (decode_layer.h): the elementwise parts in plain loops (vectorised by the compiler;
-// they are a few thousand elements a token), the matmuls through qlinear().
+// Decode-step decoder layer (decode_layer.h): the matmuls through qlinear(), attention through the tier's fp32
+// GEMMs, SiLU-mul through the tier's swiglu; norms, RoPE and residuals in plain loops (a few thousand elements a
+// token).
 #include "cpu/decode_layer.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#define KS_ISA_NS scalar  // the portable attention primitives' exp2_neg (inline, the scalar tier's own)
+#include "cpu/attention_kernel_generic.h"
+#undef KS_ISA_NS
+#include "cpu/moe.h"
 #include "cpu/parallel.h"
+#include "cpu/sgemm.h"
 
 namespace kernswap {
 namespace cpu {
@@ -47,26 +53,31 @@ void rope(float* h, const float* cos, const float* sin, int64_t D) {
   }
 }
 
-// Attention of one query head over L cached positions of its kv head, into out[D]; p: L floats of scratch.
-void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t L, int64_t D,
+// Attention of the G query heads of one kv head (rows q, q + D, ...: contiguous) over L cached positions, into
+// out (G rows of D, contiguous): S = q K^T and O = P V through the tier's fp32 GEMMs straight on the cache rows
+// (sgemm.h: a few rows run as dot products / a register-tiled strided GEMM), the softmax per row in between with
+// the attention kernels' base-2 exponential; p: G * L floats of scratch.
+void attend(const float* q, int64_t G, const float* k, int64_t ks, const float* v, int64_t vs, int64_t L, int64_t D,
             float scaling, float* p, float* out) {
-  float mx = -INFINITY;
-  for (int64_t l = 0; l < L; ++l) {
-    const float* kl = k + l * ks;
-    float s = 0.f;
-    for (int64_t d = 0; d < D; ++d) s += q[d] * kl[d];
-    p[l] = s * scaling;
-    mx = std::max(mx, p[l]);
+  sgemm_nt(G, L, D, q, D, k, ks, p, L, false);
+  const float c = scaling * 1.44269504088896341f;  // scores in base-2 units
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = p + g * L;
+    float mx8[8], sum8[8] = {};  // eight independent lanes so the reductions do not run as one dependent chain
+    std::fill(mx8, mx8 + 8, -INFINITY);
+    for (int64_t l = 0; l < L; ++l) mx8[l & 7] = std::max(mx8[l & 7], s[l]);
+    const float mc = *std::max_element(mx8, mx8 + 8) * c;
+    for (int64_t l = 0; l < L; ++l) {
+      const float x = s[l] * c - mc, e = scalar::attn_detail::exp2_neg(x);
+      s[l] = x == x ? e : x;  // a NaN score stays NaN (exp2_neg maps it to 0)
+    }
+    for (int64_t l = 0; l < L; ++l) sum8[l & 7] += s[l];
+    float sum = 0.f;
+    for (float v8 : sum8) sum += v8;
+    const float inv = 1.f / sum;
+    for (int64_t l = 0; l < L; ++l) s[l] *= inv;
   }
-  float sum = 0.f;
-  for (int64_t l = 0; l < L; ++l) sum += (p[l] = std::exp(p[l] - mx));
-  const float inv = 1.f / sum;
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  for (int64_t l = 0; l < L; ++l) {
-    const float* vl = v + l * vs;
-    const float w = p[l] * inv;
-    for (int64_t d = 0; d < D; ++d) out[d] += w * vl[d];
-  }
+  sgemm_nn(G, D, L, p, L, v, vs, out, D, false);
 }
 
 }  // namespace
@@ -92,18 +103,19 @@ void decode_attn_out(const DecodeAttnOutArgs& a) {
   static thread_local std::vector<float> att_buf, h_buf, hn_buf, gu_buf, act_buf, p_buf;
   const int64_t M = a.M, H = a.H, HD = a.Hq * a.D, group = a.Hq / a.Hkv;
   float* att = scratch(att_buf, M * HD);
-  // attention: (sequence, q head) pairs over the threads when the cache is long enough to pay for them
-  const int64_t pairs = M * a.Hq;
-  const int nt = a.L * a.D * pairs >= (1 << 18) ? a.num_threads : 1;
-  float* p_all = scratch(p_buf, pairs * a.L);
-  auto heads = [&](int64_t begin, int64_t end) {
+  // attention: (sequence, kv head) pairs over the threads when the cache is long enough to pay for them
+  const int64_t pairs = M * a.Hkv;
+  const int nt = a.L * a.D * M * a.Hq >= (1 << 18) ? a.num_threads : 1;
+  float* p_all = scratch(p_buf, M * a.Hq * a.L);
+  auto groups = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = i / a.Hq, h = i % a.Hq, j = h / group;
-      attend(a.q + m * a.q_row_stride + h * a.D, a.k + m * a.ks0 + j * a.ks1, a.ks2, a.v + m * a.vs0 + j * a.vs1,
-             a.vs2, a.L, a.D, a.scaling, p_all + i * a.L, att + m * HD + h * a.D);
+      const int64_t m = i / a.Hkv, j = i % a.Hkv, h = j * group;
+      attend(a.q + m * a.q_row_stride + h * a.D, group, a.k + m * a.ks0 + j * a.ks1, a.ks2,
+             a.v + m * a.vs0 + j * a.vs1, a.vs2, a.L, a.D, a.scaling, p_all + (m * a.Hq + h) * a.L,
+             att + m * HD + h * a.D);
     }
   };
-  if (nt > 1) parallel_for(pairs, nt, heads); else heads(0, pairs);
+  if (nt > 1) parallel_for(pairs, nt, groups); else groups(0, pairs);
   float* h = scratch(h_buf, M * H);
   matmul(a.o, att, M, h, a.num_threads);
   for (int64_t i = 0; i < M * H; ++i) h[i] += a.x[i];
@@ -112,12 +124,7 @@ void decode_attn_out(const DecodeAttnOutArgs& a) {
   float* gu = scratch(gu_buf, M * 2 * a.I);
   matmul(a.gate_up, hn, M, gu, a.num_threads);
   float* act = scratch(act_buf, M * a.I);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = gu + m * 2 * a.I;
-    const float* u = g + a.I;
-    float* o = act + m * a.I;
-    for (int64_t i = 0; i < a.I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  }
+  for (int64_t m = 0; m < M; ++m) swiglu(gu + m * 2 * a.I, gu + m * 2 * a.I + a.I, act + m * a.I, a.I);
   matmul(a.down, act, M, a.out, a.num_threads);
   for (int64_t i = 0; i < M * H; ++i) a.out[i] += h[i];
 }

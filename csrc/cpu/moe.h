@@ -69,8 +69,11 @@ void moe_experts_combine(MoEExpertsArgs args, const float* weights, void* out, D
 void moe_combine(const float* rows, int64_t ldr, const int32_t* pos, const float* weights, int64_t T,
                  int64_t top_k, int64_t H, void* out, DType out_dtype, int64_t ldo, int num_threads);
 
-// Per-tier pieces (moe_act_avx512.cpp, moe_act_avx2.cpp; the portable versions live in moe_experts.cpp,
-// registered there).
+// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i], by the active tier's kernel (registered
+// as op "moe_swiglu" in swiglu.cpp; the experts and the decode-layer kernel both call it).
+void swiglu(const float* gate, const float* up, float* out, int64_t n);
+
+// Per-tier pieces of swiglu (moe_act_avx512.cpp, moe_act_avx2.cpp; the portable version lives in swiglu.cpp).
 namespace avx512 {
 void moe_swiglu(const float* gate, const float* up, float* out, int64_t n);
 }

@@ -51,18 +51,6 @@ inline void to_f32(const void* src, DType t, int64_t n, float* out) {
 
 inline int64_t dsize(DType t) { return t == DType::F32 ? 4 : 2; }
 
-void swiglu_portable(const float* g, const float* u, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-}
-
-const Dispatch<void (*)(const float*, const float*, float*, int64_t)> kSwiglu{"moe_swiglu", {
-    {Isa::Scalar, swiglu_portable},
-    {Isa::Avx2, KS_X86_KERNEL(avx2::moe_swiglu)},
-    {Isa::Avx512, KS_X86_KERNEL(avx512::moe_swiglu)},
-}};
-
-inline void swiglu(const float* g, const float* u, float* out, int64_t n) { kSwiglu(g, u, out, n); }
-
 struct Task {
   int64_t e, a0, a1;  // expert, range (columns or rows)
   double cost;
