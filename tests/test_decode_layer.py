@@ -223,6 +223,33 @@ def test_save_load_installs_the_path(tmp_path, steps):
     assert torch.equal(out_tokens, tokens) and torch.equal(out_logits, logits)
 
 
+def test_dense_attention_keeps_the_decode_kernel(tmp_path, steps, model_steps):
+    """With attention="dense" (every causal block) the decode steps still run the decode-layer kernel, with the
+    tokens and logits of the same patch without it; sparse attention (density < 1) keeps its own decode; the
+    attention swap saves, loads and unpatches with the rest."""
+    from kernswap.nn import sparse_attention as sa
+
+    ref = _generate(_patched("llama", "w8a8"))
+    steps["steps"] = model_steps["steps"] = 0
+    model = tiny_model("llama")
+    kernswap.patch(model, quant="w8a8", attention="dense", progress=False)
+    out = _generate(model)
+    assert steps["steps"] == 2 * (NEW - 1) and model_steps["steps"] == NEW - 1
+    assert torch.equal(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=_logit_tol(ref[1]))
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert loaded.config._attn_implementation == sa.ATTN_NAME
+    assert _generate(loaded)[0].equal(out[0]) and steps["steps"] == 4 * (NEW - 1)
+    kernswap.unpatch(model)
+    assert model.config._attn_implementation != sa.ATTN_NAME
+    sparse = tiny_model("llama")
+    kernswap.patch(sparse, quant="w8a8", progress=False,
+                   attention=kernswap.SparseAttentionConfig(block_size=16, density=0.5, min_seq_len=0))
+    _generate(sparse)
+    assert steps["steps"] == 4 * (NEW - 1), "a sparse layer must not run the dense decode kernel"
+
+
 def test_set_decode_path_checks_its_argument():
     model = _patched("llama")
     assert_raises(lambda: set_decode_path(model, 1), TypeError, "enabled must be a bool, got int")

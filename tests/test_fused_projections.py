@@ -18,6 +18,9 @@ FORMATS = {"int8": "int8", "w8a8": "w8a8",
 def _patched(family, quant, fuse, **kw):
     model = tiny_model(family, **kw)
     kernswap.patch(model, quant=quant, progress=False, fuse=fuse)
+    # the fused layers' own calls only: the compiled SwiGLU and decode kernels (tests/test_mlp_forward.py,
+    # test_decode_layer.py) round differently from torch's ops
+    kernswap.set_decode_path(model, False)
     return model
 
 
@@ -54,6 +57,7 @@ def test_qwen2_biases_fused():
     assert attn.q_proj.bias is not None
     ref = _logits(_patched("qwen2", "int8", False))
     kernswap.patch(model, quant="int8", progress=False)
+    kernswap.set_decode_path(model, False)
     assert attn.qkv_proj.bias is not None and attn.qkv_proj.bias.shape[0] == attn.qkv_proj.out_features
     assert torch.equal(_logits(model), ref)
 

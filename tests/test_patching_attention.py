@@ -1,4 +1,6 @@
 """patch(model, attention=...): block-sparse attention through transformers' attention registry."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,9 +64,10 @@ def test_sparse_changes_output_and_is_what_the_mask_says(spy):
 def test_generate_with_kv_cache_matches_dense_at_full_density(spy):
     model = _model()
     ids = torch.randint(3, 256, (1, 40))
+    every_block = dataclasses.replace(DENSE_EQUIV, density=0.999)  # keeps all (ceil) but chooses them per step
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
-        kernswap.patch(model, attention=DENSE_EQUIV, progress=False)
+        kernswap.patch(model, attention=every_block, progress=False)
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, ref)
     assert any(q[2] == 1 for q, _, _ in spy)  # decode steps (one query vs the cache) took the sparse path
@@ -130,8 +133,8 @@ def test_with_quantization_and_repeat_patch_is_noop():
 
 def test_bad_arguments():
     model = _model()
-    with pytest.raises(ValueError, match="attention must be"):
-        kernswap.patch(model, attention="dense")
+    with pytest.raises(ValueError, match=r"attention must be .*\['dense', 'sparse'\], got 'flash'"):
+        kernswap.patch(model, attention="flash")
     with pytest.raises(ValueError, match="density"):
         SparseAttentionConfig(density=1.5)
     with pytest.raises(ValueError, match="block_size"):
@@ -222,3 +225,30 @@ def test_amx_cpu_leaves_dense_enough_half_attention_to_sdpa(spy, monkeypatch, am
         kernswap.patch(fp32, attention=SPARSE, progress=False)
         fp32(ids)
         assert spy  # fp32 has no AMX path in torch
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_dense_shortcut_prefill_through_the_kernel(family, spy):
+    """attention="dense": density 1 from 256 keys on. A 260-token prefill runs kernswap's kernel on every layer with
+    an all-blocks mask and gives the dense model's logits; a shorter prompt and the decode steps run SDPA."""
+    cfg = SparseAttentionConfig.from_any(" Dense ")
+    assert (cfg.density, cfg.min_seq_len) == (1.0, 256)
+    model = _model(family)
+    n_layers = model.config.num_hidden_layers
+    long_ids, short_ids = torch.randint(3, 256, (1, 260)), torch.randint(3, 256, (1, 255))
+    with torch.no_grad():
+        ref_long, ref_short = model(long_ids).logits, model(short_ids).logits
+        ref_gen = model.generate(long_ids, max_new_tokens=5, do_sample=False)
+        report = kernswap.patch(model, attention="dense", progress=False)
+        assert report.requested["attention"] == cfg.name
+        out_long = model(long_ids).logits
+        assert len(spy) == n_layers and all(m == (1, 1, 5, 5) for _, _, m in spy)
+        torch.testing.assert_close(out_long, ref_long, atol=2e-5, rtol=2e-5)
+        spy.clear()
+        torch.testing.assert_close(model(short_ids).logits, ref_short, atol=0, rtol=0)
+        assert not spy
+        out_gen = model.generate(long_ids, max_new_tokens=5, do_sample=False)
+    assert len(spy) == n_layers and all(q[2] == 260 for q, _, _ in spy)  # the prefill only
+    assert torch.equal(out_gen, ref_gen)
+    kernswap.unpatch(model)
+    assert not any(sa.MODULE_ATTR in m.__dict__ for m in model.modules())

@@ -122,7 +122,7 @@ def test_tied_lm_head_not_quantized():
 def test_argument_errors():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="attention must be"):
-        kernswap.patch(model, attention="dense")
+        kernswap.patch(model, attention="flash")
     with pytest.raises(ValueError, match="moe must be"):
         kernswap.patch(model, quant="int8", moe="fast")
     with pytest.raises(ValueError, match="int8"):

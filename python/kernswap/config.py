@@ -199,12 +199,17 @@ class SparseAttentionConfig:
 
     @classmethod
     def from_any(cls, x: Union["SparseAttentionConfig", str]) -> "SparseAttentionConfig":
-        """A SparseAttentionConfig or the shortcut "sparse" (the defaults)."""
+        """A SparseAttentionConfig or a shortcut: "sparse" (the defaults) or "dense" (every causal block, through
+        kernswap's kernel from 256 keys on: dense prefill attention, exact to fp32 rounding)."""
         if isinstance(x, SparseAttentionConfig):
             return x
-        if isinstance(x, str) and x.strip().lower() == "sparse":
-            return cls()
-        raise ValueError(f"attention must be a kernswap.SparseAttentionConfig or 'sparse', got {x!r}")
+        if isinstance(x, str) and x.strip().lower() in ATTENTION_SHORTCUTS:
+            return cls(**ATTENTION_SHORTCUTS[x.strip().lower()])
+        raise ValueError(f"attention must be a kernswap.SparseAttentionConfig or one of {sorted(ATTENTION_SHORTCUTS)}, "
+                         f"got {x!r}")
+
+
+ATTENTION_SHORTCUTS = {"sparse": {}, "dense": {"density": 1.0, "min_seq_len": 256}}
 
 
 @dataclasses.dataclass(frozen=True)

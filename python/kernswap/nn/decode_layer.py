@@ -20,6 +20,7 @@ from ._state import tensor_key
 from .fused_linear import QuantLinearSlice
 from .kv_append import KVAppender
 from .quant_linear import QuantLinear
+from .sparse_attention import MODULE_ATTR, attends_densely
 
 __all__ = ["DecodeForward", "LAYER_CLASSES", "decode_parts"]
 
@@ -98,7 +99,9 @@ def _structure(layer: nn.Module) -> tuple:
     attn, mlp = lm.get("self_attn"), lm.get("mlp")
     am = attn._modules if isinstance(attn, nn.Module) else {}
     mm = mlp._modules if isinstance(mlp, nn.Module) else {}
-    return (attn, mlp, lm.get("input_layernorm"), lm.get("post_attention_layernorm"),
+    ad = attn.__dict__ if isinstance(attn, nn.Module) else {}
+    impl = getattr(ad.get("config"), "_attn_implementation", None)  # (and the attention these modules run)
+    return (impl, ad.get(MODULE_ATTR), attn, mlp, lm.get("input_layernorm"), lm.get("post_attention_layernorm"),
             *(am.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")),
             *(mm.get(n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn", "gate_up_proj")))
 
@@ -136,7 +139,7 @@ class _Plan:
         self.qk = (norms[2].data_ptr(), self.d, norms[3].data_ptr(), self.d, kn.variance_epsilon) if qn is not None \
             else (0, 0, 0, 0, 0.0)
         self.state = _versions(self.tensors)
-        self.valid = (self.idx is not None and self.impl in ("sdpa", "eager", None)
+        self.valid = (self.idx is not None and attends_densely(attn, self.impl)
                       and all(c.backend.value in ("auto", "cpu") for c in self.configs)
                       and all(m.packed.device.type == "cpu" for m in self.mods)
                       and qkv.out_features == (self.hq + 2 * self.hkv) * self.d and o.in_features == self.hq * self.d)

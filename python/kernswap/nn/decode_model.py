@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
 from .decode_layer import DecodeForward, _rope_rows
+from .sparse_attention import ATTN_NAME
 
 __all__ = ["DecodeModelForward", "MODEL_CLASSES", "decode_model_ready"]
 
@@ -28,6 +29,9 @@ MODEL_CLASSES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
 # the keyword arguments a decode step from generate() passes (anything else, when set, goes to the class's forward)
 _KNOWN = frozenset(("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
                     "use_cache", "return_dict"))
+# attention implementations whose mask a decode step without padding may skip (kernswap's takes SDPA's format and
+# treats no mask as plain causal; each layer's plan checks that its own attention is dense before its kernel runs)
+_IMPLS = ("sdpa", "eager", ATTN_NAME)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +90,7 @@ class DecodeModelForward:
         model = self.model
         cfg = model.config
         if (getattr(cfg, "output_hidden_states", False) or getattr(cfg, "output_attentions", False)
-                or getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager")):
+                or getattr(cfg, "_attn_implementation", None) not in _IMPLS):
             return None
         layers = model.layers
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _hooked(model)

@@ -127,8 +127,10 @@ def patch(
     """Patch ``model`` in place and return a :class:`PatchReport`.
 
     quant: None | "int8" | "int4" | "w8a8" | "w4a8" | QuantConfig -- swap nn.Linear for QuantLinear.
-    attention: None | "sparse" | SparseAttentionConfig -- block-sparse attention through transformers'
-      attention registry (declared families only), for prefill and for decode with the KV cache.
+    attention: None | "sparse" | "dense" | SparseAttentionConfig -- block-sparse attention through
+      transformers' attention registry (declared families only), for prefill and for decode with the KV cache;
+      "dense" keeps every causal block (density 1): kernswap's attention kernel for prefills over 256+ keys,
+      torch's SDPA for shorter ones and for decode steps (the decode-layer kernel stays on).
     moe: None | "fused" | MoEConfig -- fused MoE experts (declared MoE families); with ``quant=`` the experts
       are quantized in that format unless ``MoEConfig.quant`` says otherwise.
     backend: forced into every config when not "auto".
