@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from .. import _ext
 from ..backends.cpu import extent, weight_args
+from ..ops.decode_layer_step import register_layer
 from ._state import tensor_key
+from .decode_static import static_step
 from .fused_linear import QuantLinearSlice
 from .kv_append import KVAppender
 from .quant_linear import QuantLinear
@@ -163,9 +165,18 @@ class DecodeForward:
         self.enabled = True  # kernswap.set_decode_path(model, False) sends every call to the class's forward
         self._plan = None
         self._kv = KVAppender()
+        self.uid = register_layer(self)  # what a static-cache step names this layer by (ops.decode_layer_step)
 
-    def __getstate__(self):  # pickling / deepcopy of the model: the plan (raw pointers) stays behind
+    def __getstate__(self):  # pickling / deepcopy of the model: the plan (raw pointers) and the id stay behind
         return {"layer": self.layer, "enabled": self.enabled, "_plan": None, "_kv": KVAppender()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.uid = register_layer(self)
+
+    def static_step(self, x, cos, sin, keys, values, position, attention_mask) -> torch.Tensor:
+        """A decode step over a static cache layer's buffers (kernswap.ops.decode_layer_step, nn/decode_static.py)."""
+        return static_step(self, x, cos, sin, keys, values, position, attention_mask)
 
     def original(self, *args, **kwargs):
         return type(self.layer).forward(self.layer, *args, **kwargs)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
+from ..ops.decode_layer_step import decode_layer_step
 from .decode_layer import DecodeForward, _rope_rows
 from .sparse_attention import ATTN_NAME
 
@@ -67,25 +68,36 @@ class DecodeModelForward:
     def __init__(self, model: nn.Module):
         self.model = model
         self.enabled = True  # kernswap.set_decode_path
+        self.output_class = _output_class()  # (read here: torch.compile traces the step, not through lru_cache)
 
     def original(self, *args, **kwargs):
         return type(self.model).forward(self.model, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        step = None if args or not self.enabled else self._inputs(kwargs)
+        if args or not self.enabled:
+            return self.original(*args, **kwargs)
+        common = self._common(kwargs)
+        if common is None:
+            return self.original(*args, **kwargs)
+        ids, cache, mask, pos = common
+        if type(cache).__name__ == "StaticCache":
+            layers = self._static_layers(ids, cache, mask)
+            return self.original(*args, **kwargs) if layers is None else self._static(ids, cache, layers, mask, pos)
+        step = None if torch.compiler.is_compiling() else self._inputs(ids, cache, mask, pos)
         if step is None:
             return self.original(*args, **kwargs)
         return self._step(*step)
 
-    def _inputs(self, kwargs):
-        """(ids, cache, position_ids) when this call is a decode step the plain loop computes exactly, else None."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _KNOWN.issuperset(kwargs):
+    def _common(self, kwargs):
+        """(ids, cache, mask, position_ids) when this call is an inference decode step (token ids of one position
+        per sequence, a cache, nothing asked beyond the last hidden state, no hooks, every layer with its decode
+        forward), else None. Only types, shapes and attributes: torch.compile traces it."""
+        if torch.is_grad_enabled() or not _KNOWN.issuperset(kwargs):
             return None
         ids, cache = kwargs.get("input_ids"), kwargs.get("cache", kwargs.get("past_key_values"))
         if (type(ids) is not torch.Tensor or ids.dim() != 2 or ids.shape[1] != 1 or ids.dtype != torch.long
                 or ids.device.type != "cpu" or kwargs.get("inputs_embeds") is not None
-                or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False
-                or type(cache).__name__ != "DynamicCache"):
+                or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False or cache is None):
             return None
         model = self.model
         cfg = model.config
@@ -96,19 +108,79 @@ class DecodeModelForward:
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _hooked(model)
                 or any(_hooked(layer) or type(layer.__dict__.get("forward")) is not DecodeForward for layer in layers)):
             return None
-        past = cache.get_seq_length()
-        window = getattr(cfg, "sliding_window", None)
-        if window is not None and past + 1 > window:
-            return None
         mask = kwargs.get("attention_mask")
-        if mask is not None and (type(mask) is not torch.Tensor or mask.dim() != 2
-                                 or tuple(mask.shape) != (ids.shape[0], past + 1) or not bool(mask.all())):
+        if type(mask) is dict:  # per layer type (generate's masks for a static cache): all full attention here
+            types = getattr(cfg, "layer_types", None) or ("full_attention",)
+            if any(t != "full_attention" for t in types[:len(layers)]):
+                return None
+            mask = mask.get("full_attention")
+        if mask is not None and type(mask) is not torch.Tensor:
             return None
         pos = kwargs.get("position_ids")
         if pos is not None and (type(pos) is not torch.Tensor or pos.dim() != 2 or pos.shape[1] != 1
                                 or pos.shape[0] not in (1, ids.shape[0])):
             return None
+        return ids, cache, mask, pos
+
+    def _inputs(self, ids, cache, mask, pos):
+        """(ids, cache, position_ids) when this step (on a dynamic cache) is one the plain loop computes exactly."""
+        if type(cache).__name__ != "DynamicCache":
+            return None
+        past = cache.get_seq_length()
+        window = getattr(self.model.config, "sliding_window", None)
+        if window is not None and past + 1 > window:
+            return None
+        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (ids.shape[0], past + 1)
+                                 or not bool(mask.all())):
+            return None
         return ids, cache, pos
+
+    def _static_layers(self, ids, cache, mask):
+        """The cache layers of a static cache this step runs over (kernswap.ops.decode_layer_step: plain static
+        layers, initialised by a prefill, fp32 [B, Hkv, capacity, D] buffers), else None. Masks are the op's to
+        read: a plain causal one takes the kernel, any other the layer's modules."""
+        n_layers = self.model.config.num_hidden_layers
+        layers = getattr(cache, "layers", None)
+        b = ids.shape[0]
+        if getattr(cache, "offloading", False) or type(layers) is not list or len(layers) < n_layers:
+            return None
+        layers = layers[:n_layers]
+        for layer in layers:
+            if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+                return None
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if (type(k) is not torch.Tensor or type(v) is not torch.Tensor or k.dtype != torch.float32
+                    or k.device.type != "cpu" or k.dim() != 4 or k.shape[0] != b or v.shape != k.shape
+                    or v.dtype != k.dtype or v.device != k.device):
+                return None
+        cap = layers[0].keys.shape[2]
+        window = getattr(self.model.config, "sliding_window", None)
+        if window is not None and window < cap:  # (without a mask the model's own would slide; the op's would not)
+            return None
+        if mask is not None and not (
+                (mask.dim() == 2 and mask.shape[0] == b)
+                or (mask.dim() == 4 and mask.dtype in (torch.bool, torch.float32) and mask.shape[0] in (1, b)
+                    and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == cap)):
+            return None
+        return layers
+
+    def _static(self, ids, cache, layers, mask, pos):
+        """A decode step over a static cache: every layer in one kernswap.ops.decode_layer_step (under
+        torch.compile, one graph node), the positions written in place as the cache's own update would."""
+        model = self.model
+        emb = model.embed_tokens
+        h = F.embedding(ids, emb.weight, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq,
+                        emb.sparse)
+        b, hsz = h.shape[0], h.shape[-1]
+        if pos is None:
+            pos = layers[0].cumulative_length.view(1, 1)
+        cos, sin = model.rotary_emb(h, position_ids=pos)
+        d = cos.shape[-1]
+        cos, sin = (t.expand(b, 1, d).reshape(b, d).contiguous() for t in (cos, sin))
+        x = decode_layer_step(h.view(b, hsz), cos, sin, [cl.keys for cl in layers], [cl.values for cl in layers],
+                              [cl.cumulative_length for cl in layers], mask,
+                              [layer.__dict__["forward"].uid for layer in model.layers[:len(layers)]])
+        return self.output_class(last_hidden_state=model.norm(x.view(b, 1, hsz)), cache=cache)
 
     def _step(self, ids: torch.Tensor, cache, pos: Optional[torch.Tensor]):
         model = self.model
@@ -134,7 +206,7 @@ class DecodeModelForward:
                 h = first._step(h, kw, plan)
                 for fwd, p in zip(fwds[1:], plans[1:]):
                     h = fwd.after_checks(h, kw, plan.d, p)
-        return _output_class()(last_hidden_state=model.norm(h), cache=cache)
+        return self.output_class(last_hidden_state=model.norm(h), cache=cache)
 
 
 def _one_call_per_layer(fwds, plans, h: torch.Tensor, kw, cache) -> Optional[torch.Tensor]:

@@ -1,0 +1,204 @@
+"""Decode steps over a static KV cache (kernswap.ops.decode_layer_step, nn/decode_static.py, the static branch of
+nn/decode_model.py): generate with cache_implementation="static" runs every layer's step through the decode-layer
+kernel with the tokens and logits of the per-op path (eager and under torch.compile, fullgraph), falls back to the
+layers' modules for masks that are not plain causal (left padding), and the registered op passes opcheck and
+refuses bad input with clear errors through the wrapper and torch.ops."""
+import gc
+
+import pytest
+import torch
+
+import kernswap
+from kernswap import _ext
+from kernswap.nn import decode_static
+from kernswap.nn.decode_layer import DecodeForward
+from kernswap.patching import set_decode_path
+from kernswap.testing.tiny import tiny_model
+
+from conftest import ISAS, assert_raises, use_isa
+from test_decode_layer import IDS, NEW, _generate
+from test_decode_layer import _logit_tol as _tol
+
+pytestmark = pytest.mark.skipif(not _ext.have_cpu_ext(), reason="the compiled extension is not built")
+
+DENSE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture
+def count(monkeypatch):
+    """Steps through the kernel ("kernel") and through the layers' modules ("reference"), one per layer and token."""
+    n = {"kernel": 0, "reference": 0}
+    real_ref = decode_static._reference
+
+    def ref(*a):
+        n["reference"] += 1
+        return real_ref(*a)
+
+    real_step = decode_static.static_step
+
+    def step(*a):
+        before = n["reference"]
+        out = real_step(*a)
+        n["kernel"] += n["reference"] == before
+        return out
+
+    monkeypatch.setattr(decode_static, "_reference", ref)
+    monkeypatch.setattr(decode_static, "static_step", step)
+    import kernswap.nn.decode_layer as dl
+
+    monkeypatch.setattr(dl, "static_step", step)
+    return n
+
+
+def _patched(family, quant="int8", **kw):
+    model = tiny_model(family, **kw)
+    kernswap.patch(model, quant=quant, progress=False)
+    model.generation_config.cache_implementation = "static"
+    return model
+
+
+@pytest.mark.parametrize("quant", ["int8", "w8a8"])
+@pytest.mark.parametrize("family", DENSE)
+def test_same_tokens_as_per_op_path(family, quant, count):
+    model = _patched(family, quant, **({"sliding_window": None} if family == "mistral" else {}))
+    layers = model.config.num_hidden_layers
+    tokens, logits = _generate(model)
+    assert count == {"kernel": layers * (NEW - 1), "reference": 0}, "every decode step took the kernel"
+    set_decode_path(model, False)
+    ref_tokens, ref_logits = _generate(model)
+    assert count["kernel"] == layers * (NEW - 1) and count["reference"] == 0, "off: the model's own forward"
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+    set_decode_path(model, True)
+    model.generation_config.cache_implementation = None  # the dynamic cache's path: the same tokens
+    assert torch.equal(_generate(model)[0], tokens)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_tier(isa, count):
+    with use_isa(isa):
+        model = _patched("qwen3", kernswap.QuantConfig(weight_bits=4, group_size=32, symmetric=False))
+        tokens, logits = _generate(model)
+        set_decode_path(model, False)
+        ref_tokens, ref_logits = _generate(model)
+    assert count["kernel"] > 0 and count["reference"] == 0
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+
+
+def test_sliding_window_layers_keep_their_forward(count):
+    """A sliding-window model's static cache has StaticSlidingWindowLayer layers: the model's own forward."""
+    model = _patched("mistral", sliding_window=8)
+    tokens, logits = _generate(model)
+    assert count == {"kernel": 0, "reference": 0}
+    set_decode_path(model, False)
+    assert torch.equal(tokens, _generate(model)[0])
+
+
+def test_padding_mask_takes_the_layers_modules(count):
+    """Left padding: the model's 4-D mask is not plain causal, so each step runs the reference (the layers' own
+    modules over the static buffers under that mask): the per-op path's tokens and logits."""
+    model = _patched("llama")
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0
+    tokens, logits = _generate(model, attention_mask=mask)
+    assert count["reference"] == model.config.num_hidden_layers * (NEW - 1) and count["kernel"] == 0
+    set_decode_path(model, False)
+    ref_tokens, ref_logits = _generate(model, attention_mask=mask)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+
+
+def test_mask_is_causal_at():
+    f = decode_static.mask_is_causal_at
+    causal = torch.arange(8).view(1, 1, 1, 8) <= 3
+    assert f(None, 3, 8) and f(causal, 3, 8) and not f(causal, 4, 8)
+    assert not f(causal.clone().index_fill_(3, torch.tensor([6]), True), 3, 8)  # a later position open
+    add = torch.zeros(1, 1, 1, 8).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert f(add, 3, 8) and not f(add.clone().fill_(0), 3, 8) and not f(add + 0.5, 3, 8)
+    pad = torch.ones(2, 4, dtype=torch.long)
+    assert f(pad, 3, 8)
+    pad[1, 0] = 0
+    assert not f(pad, 3, 8)
+
+
+def test_compiled_fullgraph_same_tokens(count):
+    """torch.compile(model.forward, fullgraph=True) with a static cache: no graph break, one graph for the decode
+    steps, every step through the kernel, the eager path's tokens."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _patched("llama")
+    ref_tokens, ref_logits = _generate(model)
+    count["kernel"] = 0
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    tokens, logits = _generate(model)
+    assert count == {"kernel": model.config.num_hidden_layers * (NEW - 1), "reference": 0}
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+    torch._dynamo.reset()
+
+
+def _op_args(model, b=2, cap=9, pos=4):
+    cfg = model.config
+    d, hkv, n = cfg.head_dim, cfg.num_key_value_heads, cfg.num_hidden_layers
+    fwds = [layer.__dict__["forward"] for layer in model.model.layers]
+    assert all(isinstance(f, DecodeForward) for f in fwds)
+    g = torch.Generator().manual_seed(3)
+    return dict(x=torch.randn(b, cfg.hidden_size, generator=g), cos=torch.randn(b, d, generator=g),
+                sin=torch.randn(b, d, generator=g), keys=[torch.randn(b, hkv, cap, d, generator=g) for _ in range(n)],
+                values=[torch.randn(b, hkv, cap, d, generator=g) for _ in range(n)],
+                positions=[torch.tensor(pos) for _ in range(n)], attention_mask=None,
+                layer_ids=[f.uid for f in fwds])
+
+
+def test_op_kernel_matches_reference_and_writes_one_position():
+    model = _patched("qwen3")
+    a = _op_args(model)
+    b = {k: ([t.clone() for t in v] if isinstance(v, list) and isinstance(v[0], torch.Tensor) else v)
+         for k, v in a.items()}
+    out = kernswap.ops.decode_layer_step(**a)
+    assert all(int(p) == 5 for p in a["positions"])
+    x = b["x"]
+    for layer, k, v, p in zip(model.model.layers, b["keys"], b["values"], b["positions"]):
+        with torch.no_grad():
+            x = decode_static._reference(layer, x, b["cos"], b["sin"], k, v, int(p), None)
+    torch.testing.assert_close(out, x, rtol=0, atol=_tol(x))
+    for new, ref in zip(a["keys"] + a["values"], b["keys"] + b["values"]):
+        torch.testing.assert_close(new[:, :, 4], ref[:, :, 4], rtol=0, atol=_tol(ref[:, :, 4]))
+        assert torch.equal(new[:, :, :4], ref[:, :, :4]) and torch.equal(new[:, :, 5:], ref[:, :, 5:])
+
+
+def test_opcheck():
+    model = _patched("llama")
+    a = _op_args(model, cap=40, pos=0)
+    torch.library.opcheck(torch.ops.kernswap.decode_layer_step.default, tuple(a.values()),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("over, exc, substr", [
+    (lambda a: {"x": a["x"].double()}, TypeError, "x.dtype must be one of torch.float32"),
+    (lambda a: {"cos": a["cos"][:1]}, ValueError, "cos and sin must be [batch=2, head_dim]"),
+    (lambda a: {"keys": a["keys"][:1]}, ValueError, "one entry per layer"),
+    (lambda a: {"keys": (a["keys"][0],) * 3}, ValueError, "got 3, 2, 2 and 2"),
+    (lambda a: {"values": [v[:, :, :3] for v in a["values"]]}, ValueError, "keys[0] and values[0] must be"),
+    (lambda a: {"positions": [torch.tensor(9)] * 2}, ValueError, "position must be in [0, capacity=9)"),
+    (lambda a: {"positions": [torch.tensor([1])] * 2}, ValueError, "positions[0] must be 0-D"),
+    (lambda a: {"attention_mask": torch.ones(1, 1, 1, 5, dtype=torch.bool)}, ValueError, "capacity=[9]"),
+    (lambda a: {"layer_ids": [0, 1]}, ValueError, "layer_ids[0] must be >= 1, got 0"),
+    (lambda a: {"layer_ids": [10 ** 9] * 2}, ValueError, "layer_id must name a patched decoder layer"),
+])
+def test_bad_arguments(over, exc, substr):
+    model = _patched("llama")
+    a = _op_args(model)
+    a.update(over(a))
+    assert_raises(lambda: kernswap.ops.decode_layer_step(**a), exc, substr)
+    assert_raises(lambda: torch.ops.kernswap.decode_layer_step(*a.values()), exc, substr)
+
+
+def test_unpatched_layer_ids_die():
+    model = _patched("llama")
+    a = _op_args(model)
+    kernswap.unpatch(model)
+    gc.collect()
+    assert_raises(lambda: kernswap.ops.decode_layer_step(**a), ValueError, "layer_id must name a patched decoder")
