@@ -4,6 +4,7 @@ end-to-end suite's loop), with the time each patch took; calibrated methods get 
 
     python bench/quality_methods.py                                   # the default set below, 2,048 tokens
     python bench/quality_methods.py --tokens 8192 --config 'QuantConfig(8, dynamic_activations=True, smooth=0.5)'
+    python bench/quality_methods.py --config 'QuantConfig(4, 128)' --config 'calib:QuantConfig(4, 128)'
 
 Prints one line per config; the README's quality table quotes these lines (machine named there).
 """
@@ -36,6 +37,8 @@ DEFAULT = (
     "QuantConfig(4, 128, dynamic_activations=True, smooth=True)",
 )
 CALIB_FROM = 8192  # first calibration token: the evaluation uses the tokens before it
+CALIB_PREFIX = "calib:"  # a config given as "calib:QuantConfig(...)" gets the calibration text too (method="mse":
+                         # activation-weighted error)
 
 
 def main(argv=None) -> int:
@@ -58,8 +61,9 @@ def main(argv=None) -> int:
     calib = [ids[0, CALIB_FROM + 512 * i:CALIB_FROM + 512 * (i + 1)] for i in range(args.calibration)]
     models, seconds = {"fp32": P.TorchLM(base, module_memory(base))}, {}
     for spec in args.config or DEFAULT:
-        cfg = eval(spec, {"QuantConfig": kernswap.QuantConfig})  # noqa: S307 - the user's own command line
-        needs = cfg.smooth is not None or cfg.method in CALIBRATED
+        expr = spec[len(CALIB_PREFIX):] if spec.startswith(CALIB_PREFIX) else spec
+        cfg = eval(expr, {"QuantConfig": kernswap.QuantConfig})  # noqa: S307 - the user's own command line
+        needs = cfg.smooth is not None or cfg.method in CALIBRATED or spec.startswith(CALIB_PREFIX)
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         rep = kernswap.patch(m, quant=cfg, progress=False, keep_originals=False, calibration=calib if needs else None)

@@ -44,7 +44,9 @@ class QuantConfig:
     backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
     method: how the scales are chosen, without calibration data: "rtn" (max|w| onto the largest code) or "mse"
       (per group the scale, and for asymmetric int4 the range, of least squared error). Default: "mse" for int4,
-      "rtn" for int8. With ``patch(..., calibration=...)``: "gptq", or "awq" (activation-aware channel scales
+      "rtn" for int8. With ``patch(..., calibration=...)``, "mse" weights each group's error by the mean square
+      of its input channels over the calibration text (activation-weighted error, the layers' inputs taken block
+      by block from the quantized model); "gptq" needs it, and so does "awq" (activation-aware channel scales
       folded into the norms, then "mse" / "rtn" weights).
     zero_point: for asymmetric int4 (symmetric=False), "int" (uint8 zero-points 0..15, the range widened to hold
       0) or "float" (fp32 zero-points: each group's own [min, max] onto the 16 codes, GGUF Q4_1's grid; 3 more

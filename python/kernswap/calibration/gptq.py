@@ -7,14 +7,14 @@ dropped, H is dampened by ``damp`` x its mean diagonal, and the upper Cholesky f
 column k's codes are rounded with its group's scale, err = (w_k - q_k s) / U[k, k], and w_j -= err U[k, j] for
 j > k; lazily, a block of 128 columns at a time (the trailing columns get one matrix product per block). A group's
 scale (and zero-point) is chosen when its first column comes up, from the weights as updated so far, by the same
-error-minimising search as method="mse". No activation reordering (act-order) yet: groups stay contiguous, so the
+error-minimising search as method="mse" with calibration (the error weighted by the inputs' mean squares). No activation reordering (act-order) yet: groups stay contiguous, so the
 packed format is unchanged.
 """
 from typing import Optional, Tuple
 
 import torch
 
-from ..formats.scale_search import search_asymmetric, search_float_zero, search_symmetric
+from ..formats.scale_search import importance_of, search_asymmetric, search_float_zero, search_symmetric
 
 __all__ = ["gptq_quantize"]
 
@@ -22,14 +22,16 @@ BLOCK = 128
 DAMP = 0.01
 
 
-def _group_params(w: torch.Tensor, bits: int, symmetric: bool, float_zero: bool = False
-                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(scale [N], zero [N] or None) for the columns w [N, g] of one group (int8: one group, the whole row)."""
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool, float_zero: bool = False,
+                  weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(scale [N], zero [N] or None) for the columns w [N, g] of one group (int8: one group, the whole row), the
+    error weighted per column by ``weights`` [g] (the inputs' mean squares) when given."""
+    c = None if weights is None else weights.reshape(1, -1).expand(w.shape[0], -1)
     if bits == 8:
-        return search_symmetric(w, -127, 127)[0], None
+        return search_symmetric(w, -127, 127, weights=c)[0], None
     if symmetric:
-        return search_symmetric(w, -8, 7)[0], None
-    s, z, _ = (search_float_zero if float_zero else search_asymmetric)(w)
+        return search_symmetric(w, -8, 7, weights=c)[0], None
+    s, z, _ = (search_float_zero if float_zero else search_asymmetric)(w, weights=c)
     return s, z
 
 
@@ -48,17 +50,20 @@ def _dequant(q, s, z):
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  damp: float = DAMP, float_zero: bool = False
+                  damp: float = DAMP, float_zero: bool = False, weighted_groups: bool = True
                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """w: float [N, K]; hessian: [K, K] (sum of x x^T over the calibration rows, any positive scaling). Returns
     (codes [N, K] float, scale [N, K // group], zero [N, K // group] or None) in the format's code ranges
     (int8 and symmetric int4 signed, asymmetric int4 0..15); int8 has one group (group_size = K). float_zero:
-    asymmetric int4 with float zero-points (search_float_zero's group parameters)."""
+    asymmetric int4 with float zero-points (search_float_zero's group parameters). weighted_groups: each group's
+    scale minimises the error weighted by its columns' input mean squares (the Hessian's diagonal), as method="mse"
+    does with calibration."""
     W = w.detach().to(torch.float64).clone()
     n, k = W.shape
     H = hessian.detach().to(torch.float64).clone()
     if H.shape != (k, k):
         raise ValueError(f"gptq_quantize: hessian must be [{k}, {k}], got {list(H.shape)}")
+    imp = importance_of(H) if weighted_groups else None  # (before dampening: the inputs' own mean squares)
     dead = torch.diagonal(H) <= 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -90,7 +95,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             if col % g == 0:  # a new group: its scale from the weights as updated so far
                 gi = col // g
                 grp = torch.cat([W1[:, i:], W[:, b1:]], dim=1)[:, :g]
-                sg, zg = _group_params(grp.float(), bits, symmetric, float_zero)
+                sg, zg = _group_params(grp.float(), bits, symmetric, float_zero,
+                                       None if imp is None else imp[col:col + g])
                 s, z = sg.double(), (None if zg is None else zg.double())
                 S[:, gi] = s
                 if Z is not None:

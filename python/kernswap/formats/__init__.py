@@ -6,6 +6,7 @@ import torch
 from .base import TILE_N, QuantizedWeight, layout, padded_n
 from .int4 import int4_from_codes, pack_int4, quantize_int4, unpack_int4
 from .int8 import int8_from_codes, pack_int8, quantize_int8, unpack_int8
+from .scale_search import importance_of
 
 __all__ = ["QuantizedWeight", "quantize", "quantize_int8", "quantize_int4", "pack_int8", "unpack_int8",
            "pack_int4", "unpack_int4", "layout", "padded_n", "TILE_N"]
@@ -13,7 +14,8 @@ __all__ = ["QuantizedWeight", "quantize", "quantize_int8", "quantize_int4", "pac
 
 def quantize(w, config, hessian=None) -> QuantizedWeight:
     """Quantize a float [N, K] weight with a QuantConfig (or a shortcut string such as "int4"). method="gptq" needs
-    ``hessian``, the [K, K] second moment of the layer's inputs (kernswap.calibration)."""
+    ``hessian``, the [K, K] second moment of the layer's inputs (kernswap.calibration); with method="mse" a given
+    hessian weights each group's squared error by its input channels' mean squares (activation-weighted error)."""
     from ..config import QuantConfig
 
     cfg = QuantConfig.from_any(config)
@@ -23,10 +25,11 @@ def quantize(w, config, hessian=None) -> QuantizedWeight:
         from ..calibration.awq import base_method
 
         cfg = dataclasses.replace(cfg, method=base_method(cfg))
+    imp = importance_of(hessian) if hessian is not None and cfg.method == "mse" else None
     if cfg.weight_bits == 8:
-        return quantize_int8(w, dynamic_activations=cfg.dynamic_activations, method=cfg.method)
+        return quantize_int8(w, dynamic_activations=cfg.dynamic_activations, method=cfg.method, importance=imp)
     return quantize_int4(w, cfg.group_size, cfg.symmetric, dynamic_activations=cfg.dynamic_activations,
-                         method=cfg.method, float_zero=cfg.float_zero)
+                         method=cfg.method, float_zero=cfg.float_zero, importance=imp)
 
 
 def _quantize_gptq(w, cfg, hessian) -> QuantizedWeight:

@@ -1,9 +1,12 @@
 """int4 group-wise format (sym: implicit zero 8; asym: uint8 or fp32 zeros), packed 16n x 8k nibble tiles (SPEC.md)."""
+from typing import Optional
+
 import torch
 
 from .base import TILE_N, ZERO_DTYPES, QuantizedWeight, padded_n
 from .int8 import _check_weight
-from .scale_search import check_method, rtn_float_zero, search_asymmetric, search_float_zero, search_symmetric
+from .scale_search import (check_method, group_weights, rtn_float_zero, search_asymmetric, search_float_zero,
+                           search_symmetric)
 
 __all__ = ["quantize_int4", "pack_int4", "unpack_int4", "int4_from_codes"]
 
@@ -34,13 +37,15 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True,
-                  dynamic_activations: bool = False, method: str = "rtn", float_zero: bool = False) -> QuantizedWeight:
+                  dynamic_activations: bool = False, method: str = "rtn", float_zero: bool = False,
+                  importance: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Quantize a float [N, K] weight group-wise along K (K % group_size == 0). method="rtn": max|w| (sym) or the
     [min, max] range (asym) onto the code range; "mse": per group the scale (and range) of least squared error
     (scale_search). float_zero (asymmetric only): fp32 zero-points, the group's own [min, max] onto 0..15 (GGUF
-    Q4_1's grid) instead of an integer zero-point on a range widened to include 0."""
+    Q4_1's grid) instead of an integer zero-point on a range widened to include 0. importance ([K], method="mse"
+    only): per input channel weights of the squared error (scale_search.importance_of)."""
     _check_weight(w, "quantize_int4")
-    check_method(method, "quantize_int4")
+    check_method(method, "quantize_int4", importance)
     if float_zero and symmetric:
         raise ValueError("quantize_int4: float_zero=True needs symmetric=False (float zero-points are the "
                          "asymmetric form)")
@@ -51,17 +56,18 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
         raise ValueError(f"quantize_int4: in_features must be divisible by group_size={group_size}, got {k}")
     ng = k // group_size
     wg = w.detach().to(torch.float32).reshape(n, ng, group_size)
+    cw = group_weights(importance, n, k, group_size)
     if float_zero:
-        search = search_float_zero if method == "mse" else rtn_float_zero
-        scale, z, q = search(wg.reshape(n * ng, group_size))
+        flat = wg.reshape(n * ng, group_size)
+        scale, z, q = search_float_zero(flat, weights=cw) if method == "mse" else rtn_float_zero(flat)
         return int4_from_codes(q.reshape(n, k), scale.reshape(n, ng), z.reshape(n, ng), group_size,
                                dynamic_activations)
     if method == "mse" and symmetric:
-        scale, q = search_symmetric(wg.reshape(n * ng, group_size), -8, 7)
+        scale, q = search_symmetric(wg.reshape(n * ng, group_size), -8, 7, weights=cw)
         scale, q = scale.reshape(n, ng), q.reshape(n, ng, group_size) + 8
         zero_p = None
     elif method == "mse":
-        scale, z, q = search_asymmetric(wg.reshape(n * ng, group_size))
+        scale, z, q = search_asymmetric(wg.reshape(n * ng, group_size), weights=cw)
         scale, z, q = scale.reshape(n, ng), z.reshape(n, ng), q.reshape(n, ng, group_size)
         zero_p = torch.zeros(ng, padded_n(n), dtype=torch.uint8, device=w.device)
         zero_p[:, :n] = z.t().to(torch.uint8)

@@ -1,8 +1,10 @@
 """int8 per-output-channel symmetric format, packed in 16n x 4k VNNI tiles (SPEC.md)."""
+from typing import Optional
+
 import torch
 
 from .base import TILE_N, QuantizedWeight, padded_n
-from .scale_search import check_method, search_symmetric
+from .scale_search import check_method, group_weights, search_symmetric
 
 __all__ = ["quantize_int8", "pack_int8", "unpack_int8", "int8_from_codes"]
 
@@ -35,15 +37,17 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return full[:n, :k].to(torch.int32)
 
 
-def quantize_int8(w: torch.Tensor, dynamic_activations: bool = False, method: str = "rtn") -> QuantizedWeight:
+def quantize_int8(w: torch.Tensor, dynamic_activations: bool = False, method: str = "rtn",
+                  importance: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Quantize a float [N, K] weight per output row. method="rtn": scale[n] = max|w[n,:]|/127,
-    q = clamp(round(w/scale), -127, 127); "mse": the scale and codes of least squared error (scale_search)."""
+    q = clamp(round(w/scale), -127, 127); "mse": the scale and codes of least squared error (scale_search), the
+    error weighted per input channel by ``importance`` [K] when given."""
     _check_weight(w, "quantize_int8")
-    check_method(method, "quantize_int8")
+    check_method(method, "quantize_int8", importance)
     n, k = w.shape
     wf = w.detach().to(torch.float32)
     if method == "mse":
-        scale, q = search_symmetric(wf, -127, 127)
+        scale, q = search_symmetric(wf, -127, 127, weights=group_weights(importance, n, k, k))
     else:
         scale = wf.abs().amax(dim=1) / 127.0
         nz = scale > 0

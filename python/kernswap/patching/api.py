@@ -13,7 +13,7 @@ from .families import FamilySpec, get_family
 from .report import PatchReport, module_memory
 from ..calibration import collect_hessians, normalize_calibration, sequential_hessians
 from ..calibration.hessians import _tokens, calibration_forward
-from ..formats.scale_search import CALIBRATED
+from ..formats.scale_search import CALIBRATED, HESSIAN_METHODS
 from .rules import ModuleSwap, Plan, QuantLinearRule
 
 __all__ = ["patch", "unpatch", "is_patched", "patch_state", "PatchState", "PLAN_BUFFER", "STATE_ATTR"]
@@ -176,7 +176,8 @@ def patch(
         raise ValueError(f"kernswap.patch: {calibrated[0]} needs calibration= (token ids, a list of them, or an "
                          f"iterable of model-input dicts); use method='mse' (the int4 default) or 'rtn', and "
                          f"smooth=None, without")
-    batches = normalize_calibration(calibration) if calibrated else None
+    weighted = calibration is not None and any(c is not None and c.method in HESSIAN_METHODS for c in (cfg, head_cfg))
+    batches = normalize_calibration(calibration) if calibrated or weighted else None
 
     state = patch_state(model)
     if state is not None:
@@ -194,7 +195,7 @@ def patch(
             # folded before the Hessians: they see the scaled inputs
             rec, smooth_note = _smooth(model, cfg, request["skip"] + ((head,) if head else ()), batches)
             pre = [rec] if rec is not None else []
-        if batches is not None and any(c is not None and c.method == "gptq" for c in (cfg, head_cfg)):
+        if batches is not None and any(c is not None and c.method in HESSIAN_METHODS for c in (cfg, head_cfg)):
             # calibration, before anything is swapped (the model is left as it was)
             hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches,
                                                 progress)
@@ -275,7 +276,7 @@ def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, 
     def config_of(layer):
         name = names.get(id(layer), "")
         c = head_cfg if name == head else (None if match_any(name, skip) else cfg)
-        if c is None or c.method != "gptq" or check_quantizable(layer, c):
+        if c is None or c.method not in HESSIAN_METHODS or check_quantizable(layer, c):
             return None
         return layer_config(layer.in_features, c)
 
