@@ -110,7 +110,11 @@ def _loud_model():
     return model
 
 
-def test_patch_with_calibration_lowers_the_output_error(tmp_path):
+def test_patch_with_calibration_lowers_the_output_error(tmp_path, monkeypatch):
+    """Against the weight-error search (the data-free importance off): calibration text lowers the output error."""
+    from kernswap.calibration import importance
+
+    monkeypatch.setattr(importance, "data_free_importance", lambda *a: ({}, None))
     ids = torch.randint(3, 256, (4, 48), generator=torch.Generator().manual_seed(5))
     calib = torch.randint(3, 256, (8, 48), generator=torch.Generator().manual_seed(6))
     ref_model = _loud_model()
@@ -132,3 +136,35 @@ def test_patch_with_calibration_lowers_the_output_error(tmp_path):
             with torch.no_grad():
                 assert torch.equal(m(ids).logits, ref)
     assert errs["weighted"] < errs["mse"], errs
+
+
+def test_data_free_importance_without_calibration(monkeypatch):
+    """No calibration: patch weights the int4 search by the inputs' mean squares over random token ids, the same
+    every time, with a lower output error than the weight-error search on a model with loud input channels; a
+    model that takes no token ids keeps the weight error and says so."""
+    from kernswap.calibration import importance
+
+    ids = torch.randint(3, 256, (4, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = _loud_model()(ids).logits
+
+    def patched():
+        m = _loud_model()
+        rep = kernswap.patch(m, quant="int4", progress=False)
+        with torch.no_grad():
+            return m, rep, m(ids).logits
+
+    m1, rep, out = patched()
+    assert any("activation-weighted error" in n and "random token ids" in n for n in rep.notes), rep.notes
+    _, _, again = patched()
+    assert torch.equal(out, again)
+    real = importance.data_free_importance
+    monkeypatch.setattr(importance, "data_free_importance", lambda *a: ({}, None))
+    _, rep_w, plain = patched()
+    assert not any("random token ids" in n for n in rep_w.notes)
+    e_free, e_plain = ((out - ref).norm() / ref.norm()).item(), ((plain - ref).norm() / ref.norm()).item()
+    assert e_free < e_plain, (e_free, e_plain)
+    monkeypatch.setattr(importance, "data_free_importance", real)
+    seq = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    notes = kernswap.patch(seq, quant="int4", progress=False).notes
+    assert any("weight error (no data-free importance: the model has no config.vocab_size" in n for n in notes)

@@ -15,7 +15,8 @@ __all__ = ["QuantizedWeight", "quantize", "quantize_int8", "quantize_int4", "pac
 def quantize(w, config, hessian=None) -> QuantizedWeight:
     """Quantize a float [N, K] weight with a QuantConfig (or a shortcut string such as "int4"). method="gptq" needs
     ``hessian``, the [K, K] second moment of the layer's inputs (kernswap.calibration); with method="mse" a given
-    hessian weights each group's squared error by its input channels' mean squares (activation-weighted error)."""
+    hessian ([K, K], or only its diagonal [K]) weights each group's squared error by its input channels' mean
+    squares (activation-weighted error)."""
     from ..config import QuantConfig
 
     cfg = QuantConfig.from_any(config)

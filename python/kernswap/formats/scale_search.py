@@ -32,9 +32,9 @@ IMPORTANCE_FLOOR = 1e-6  # of the mean: a dead input channel still keeps its wei
 
 
 def importance_of(hessian: torch.Tensor) -> torch.Tensor:
-    """Per input channel importance [K] (fp32, mean 1) from a layer inputs' second moment [K, K]: its diagonal
-    (the mean square of each input channel), floored at IMPORTANCE_FLOOR of the mean."""
-    d = torch.diagonal(hessian).to(torch.float64).clamp_min(0)
+    """Per input channel importance [K] (fp32, mean 1) from a layer inputs' second moment [K, K] or its diagonal
+    [K] (the mean square of each input channel, up to a common factor), floored at IMPORTANCE_FLOOR of the mean."""
+    d = (hessian if hessian.dim() == 1 else torch.diagonal(hessian)).to(torch.float64).clamp_min(0)
     mean = d.mean()
     if not bool(mean > 0):
         return torch.ones(d.shape[0], dtype=torch.float32, device=d.device)

@@ -73,7 +73,8 @@ class QuantLinear(CachedRunnerModule):
     def from_linear(cls, linear: nn.Linear, config: Union[QuantConfig, str] = "int8",
                     hessian: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Quantize an nn.Linear (fp32/bf16/fp16 weight). The bias keeps its dtype; buffers stay on its device.
-        ``hessian`` ([in, in], the layer inputs' second moment) is what method="gptq" needs."""
+        ``hessian`` ([in, in], the layer inputs' second moment) is what method="gptq" needs; method="mse" weights
+        its error by the hessian's diagonal (or a given [in] vector of the inputs' mean squares)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
         cfg = QuantConfig.from_any(config)

@@ -189,7 +189,7 @@ def patch(
             "never quantizes a quantized model again.")
 
     hessians, calib_tokens, pre = {}, 0, []
-    smooth_note = None
+    smooth_note = importance_note = None
     try:
         if cfg is not None and (cfg.smooth is not None or cfg.method == "awq"):
             # folded before the Hessians: they see the scaled inputs
@@ -199,6 +199,8 @@ def patch(
             # calibration, before anything is swapped (the model is left as it was)
             hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches,
                                                 progress)
+        elif batches is None and any(c is not None and c.method == "mse" for c in (cfg, head_cfg)):
+            hessians, importance_note = _data_free(model, cfg, head_cfg, head, request["skip"])
     except BaseException:
         for rec in reversed(pre):
             rec.undo()
@@ -225,8 +227,9 @@ def patch(
         rules.append(AttentionRule(attn_cfg))
     report = apply_rules(model, rules, request, family, progress=progress, keep_originals=keep_originals,
                          pre_records=pre)
-    if smooth_note:
-        report.notes.append(smooth_note)
+    for note in (smooth_note, importance_note):
+        if note:
+            report.notes.append(note)
     if batches is not None and not calib_tokens:
         calib_tokens = sum(_tokens(kw) for kw in batches)
     methods = sorted({c.method for c in (cfg, head_cfg) if c is not None})
@@ -257,21 +260,13 @@ def _smooth(model: nn.Module, cfg: QuantConfig, skip: tuple, batches):
     return smooth_model(model, runs, None if cfg.smooth is True else float(cfg.smooth), layer_cfg, losses)
 
 
-def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, batches, progress):
-    """{id(layer): Hessian} for the layers a calibrated method quantizes: block by block through the decoder layers
-    (each fitted to the quantized blocks' outputs, sequential_hessians), the rest (e.g. the head) from the float
-    model. Returns (hessians, calibration tokens)."""
-    from ..formats import quantize
+def _hessian_configs(model: nn.Module, cfg, head_cfg, head, skip):
+    """layer -> the per-layer QuantConfig it is quantized with when that config's method reads the layer inputs'
+    Hessian (HESSIAN_METHODS), else None."""
     from .families import match_any
     from .rules import check_quantizable, layer_config
 
     names = {id(m): n for n, m in model.named_modules()}
-    blocks = []
-    if family.attention:
-        depth = family.attention[0].count(".")
-        parents = {n.rsplit(".", 1)[0] for n, _ in model.named_modules()
-                   if n.count(".") == depth and match_any(n, family.attention)}
-        blocks = [m for n, m in model.named_modules() if n in parents]
 
     def config_of(layer):
         name = names.get(id(layer), "")
@@ -279,6 +274,41 @@ def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, 
         if c is None or c.method not in HESSIAN_METHODS or check_quantizable(layer, c):
             return None
         return layer_config(layer.in_features, c)
+
+    return config_of
+
+
+def _data_free(model: nn.Module, cfg, head_cfg, head, skip):
+    """{id(layer): [K] input mean squares} for the layers quantized with method="mse" when no calibration was
+    given (kernswap.calibration.importance: random token ids through the float model), and the report's note."""
+    from ..calibration.importance import SEQ_LEN, SEQUENCES, data_free_importance
+
+    config_of = _hessian_configs(model, cfg, head_cfg, head, skip)
+    layers = [m for m in model.modules() if type(m) is nn.Linear and config_of(m) is not None
+              and config_of(m).method == "mse"]
+    sums, why = data_free_importance(model, layers)
+    if why is not None:
+        return {}, f"mse scales: weight error (no data-free importance: {why})"
+    if not sums:
+        return {}, None
+    return sums, (f"mse scales: activation-weighted error, the input channels' mean squares over "
+                  f"{SEQUENCES} x {SEQ_LEN} random token ids (data-free; pass calibration= for your own text)")
+
+
+def _calibrate(model: nn.Module, family: FamilySpec, cfg, head_cfg, head, skip, batches, progress):
+    """{id(layer): Hessian} for the layers a calibrated method quantizes: block by block through the decoder layers
+    (each fitted to the quantized blocks' outputs, sequential_hessians), the rest (e.g. the head) from the float
+    model. Returns (hessians, calibration tokens)."""
+    from ..formats import quantize
+    from .families import match_any
+
+    blocks = []
+    if family.attention:
+        depth = family.attention[0].count(".")
+        parents = {n.rsplit(".", 1)[0] for n, _ in model.named_modules()
+                   if n.count(".") == depth and match_any(n, family.attention)}
+        blocks = [m for n, m in model.named_modules() if n in parents]
+    config_of = _hessian_configs(model, cfg, head_cfg, head, skip)
 
     def quantized_weight(layer, h):
         c = config_of(layer)
