@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calibration", type=int, default=16, help="sequences of 512 calibration tokens")
     ap.add_argument("--config", action="append", help="a QuantConfig(...) expression (repeatable)")
+    ap.add_argument("--json", default=None, help="also write the rows here (bench/plot_quality.py reads them)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base = load_smollm2()
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     if args.tokens > CALIB_FROM:
         raise SystemExit(f"--tokens must be <= {CALIB_FROM} (the calibration text starts there)")
     calib = [ids[0, CALIB_FROM + 512 * i:CALIB_FROM + 512 * (i + 1)] for i in range(args.calibration)]
-    models, seconds = {"fp32": P.TorchLM(base, module_memory(base))}, {}
+    models, seconds, bits = {"fp32": P.TorchLM(base, module_memory(base))}, {}, {}
     for spec in args.config or DEFAULT:
         expr = spec[len(CALIB_PREFIX):] if spec.startswith(CALIB_PREFIX) else spec
         cfg = eval(expr, {"QuantConfig": kernswap.QuantConfig})  # noqa: S307 - the user's own command line
@@ -71,15 +73,39 @@ def main(argv=None) -> int:
         print(f"[quality] {spec}: patched in {seconds[spec]:.1f} s; " +
               "; ".join(n for n in rep.notes if n.startswith(("smoothing", "awq", "quantization method"))), file=sys.stderr)
         models[spec] = P.TorchLM(m, module_memory(m))
+        bits[spec] = bits_per_weight(m)
     res = E.quality(models, ids[:, :args.tokens], 512)
     ref = res["fp32"]["ppl"]
     print(f"CPU: {E.H.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"fp32: ppl {ref:.3f} over {res['fp32']['tokens']} predicted tokens")
+    rows = []
     for spec in seconds:
         r = res[spec]
         print(f"{spec}: ppl {r['ppl']:.3f} ({(r['ppl'] / ref - 1) * 100:+.2f}%)  KL {r['kl']:.5f}  "
-              f"patch {seconds[spec]:.1f} s")
+              f"patch {seconds[spec]:.1f} s  {bits[spec]:.2f} bits/weight")
+        rows.append({"config": spec, "ppl": r["ppl"], "dppl_pct": (r["ppl"] / ref - 1) * 100, "kl": r["kl"],
+                     "patch_s": seconds[spec], "bits_per_weight": bits[spec], "tokens": r["tokens"]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": "SmolLM2-135M", "cpu": E.H.cpu_model(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "fp32_ppl": ref, "calibration_sequences": args.calibration,
+                       "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
+
+
+def bits_per_weight(model) -> float:
+    """Stored bits per quantized weight over the model's QuantLinear layers: packed codes, scales and zero-points
+    (padding included, biases not) x 8 / (in_features x out_features)."""
+    from kernswap.nn import QuantLinear
+
+    stored = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            qw = m.qweight
+            stored += sum(t.numel() * t.element_size() for t in (qw.packed, qw.scale, qw.zero) if t is not None)
+            weights += m.in_features * m.out_features
+    return 8 * stored / weights if weights else float("nan")
 
 
 if __name__ == "__main__":

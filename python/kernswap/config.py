@@ -54,6 +54,8 @@ class QuantConfig:
     smooth: SmoothQuant for the activation-quantized formats (dynamic_activations=True; needs
       ``patch(..., calibration=...)``): True searches alpha per normalization layer, a float in (0, 1) fixes it;
       the factors are folded into the norms feeding the layers (no op added). None/False: no smoothing.
+    act_order: with method="gptq", quantize the columns in order of decreasing input mean square (static group
+      scales; the packed layout is unchanged).
     """
 
     weight_bits: int = 8
@@ -64,6 +66,7 @@ class QuantConfig:
     method: Optional[str] = None
     zero_point: Optional[str] = None
     smooth: Union[None, bool, float] = None
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str, got: object) -> ValueError:
@@ -71,7 +74,7 @@ class QuantConfig:
 
         if isinstance(self.weight_bits, bool) or self.weight_bits not in (8, 4):
             raise bad("weight_bits", "one of [8, 4]", self.weight_bits)
-        for field in ("symmetric", "dynamic_activations"):
+        for field in ("symmetric", "dynamic_activations", "act_order"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "a bool (True/False)", getattr(self, field))
         if self.weight_bits == 8:
@@ -105,6 +108,9 @@ class QuantConfig:
             object.__setattr__(self, "method", "mse" if self.weight_bits == 4 else "rtn")
         if self.method not in QUANT_METHODS:
             raise bad("method", f"one of {list(QUANT_METHODS)}", self.method)
+        if self.act_order and self.method != "gptq":
+            raise bad("act_order", f"False unless method='gptq' (the order GPTQ quantizes columns in; "
+                                   f"method={self.method!r})", self.act_order)
         why = backend_problem("quantized_linear", self.backend, bits=self.weight_bits, group_size=self.group_size,
                               dynamic_act=self.dynamic_activations)
         if why:

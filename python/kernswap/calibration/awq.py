@@ -57,7 +57,7 @@ def _error(x: torch.Tensor, ws: List[Tuple[torch.Tensor, Any]], s: Optional[torc
         if cfg.dynamic_activations:
             a, scale, _ = quantize_activations(xs)
             xin = a * scale[:, None]
-        wq = quantize(w if s is None else w * s, dataclasses.replace(cfg, method="rtn")).dequantize()
+        wq = quantize(w if s is None else w * s, dataclasses.replace(cfg, method="rtn", act_order=False)).dequantize()
         err += float(((x @ w.t() - xin @ wq.t()) ** 2).sum())
     return err
 

@@ -156,7 +156,7 @@ def _fake_quantized(lins: List[Tuple[nn.Linear, Any]], own_method: bool = False)
     try:
         for lin, cfg in lins:
             saved.append((lin.weight, lin.weight.data))
-            c = cfg if own_method else dataclasses.replace(cfg, method="rtn")
+            c = cfg if own_method else dataclasses.replace(cfg, method="rtn", act_order=False)
             lin.weight.data = quantize(lin.weight.data, c).dequantize().to(lin.weight.dtype)
             handles.append(lin.register_forward_pre_hook(act))
         yield

@@ -44,7 +44,8 @@ def _quantize_gptq(w, cfg, hessian) -> QuantizedWeight:
     g = cfg.group_size if cfg.weight_bits == 4 else w.shape[1]
     if cfg.weight_bits == 4 and w.shape[1] % g:
         raise ValueError(f"quantize_int4: in_features must be divisible by group_size={g}, got {w.shape[1]}")
-    q, s, z = gptq_quantize(w, hessian, cfg.weight_bits, g, cfg.symmetric, float_zero=cfg.float_zero)
+    q, s, z = gptq_quantize(w, hessian, cfg.weight_bits, g, cfg.symmetric, float_zero=cfg.float_zero,
+                            act_order=cfg.act_order)
     if cfg.weight_bits == 8:
         return int8_from_codes(q, s[:, 0], cfg.dynamic_activations)
     if z is not None and not cfg.float_zero:

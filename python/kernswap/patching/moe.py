@@ -36,7 +36,7 @@ class MoERule:
         # take the error-minimising scales instead, and the plan says so
         self.calibrated = self.quant is not None and self.quant.method in CALIBRATED
         if self.calibrated:
-            self.quant = dataclasses.replace(self.quant, method="mse")
+            self.quant = dataclasses.replace(self.quant, method="mse", act_order=False)
 
     def plan(self, model: nn.Module, family: FamilySpec) -> Plan:
         plan = Plan()
