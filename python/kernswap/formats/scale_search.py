@@ -28,6 +28,7 @@ CALIBRATED = ("gptq", "awq")  # methods that need calibration inputs (kernswap.c
 HESSIAN_METHODS = ("gptq", "mse")  # methods that read the layer inputs' Hessian when calibration is given
 _CHUNK = 1 << 22  # weights per chunk (x candidates x 4 B of temporaries)
 REFINE_ROUNDS = 3  # re-round / refit steps after the candidate search
+SYM_STEPS = 16  # candidate divisors per sign for the symmetric grids (plus the RTN one)
 IMPORTANCE_FLOOR = 1e-6  # of the mean: a dead input channel still keeps its weights from going anywhere
 
 
@@ -62,8 +63,8 @@ def _chunks(n_groups: int, group: int, candidates: int):
         yield a, min(n_groups, a + step)
 
 
-def search_symmetric(wg: torch.Tensor, qmin: int, qmax: int, steps: int = 16, weights: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+def search_symmetric(wg: torch.Tensor, qmin: int, qmax: int, steps: int = SYM_STEPS,
+                     weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """wg: fp32 [G, L] (G groups of L values). Returns (scale [G], codes [G, L] in qmin..qmax): for each candidate
     scale s the codes clamp(round(w / s)), then the least-squares scale for those codes; the pair with the least
     sum((w - q * s)^2) wins. The round-to-nearest candidate (s = max|w| / qmax) is among them, so the error is never
@@ -78,10 +79,12 @@ def search_symmetric(wg: torch.Tensor, qmin: int, qmax: int, steps: int = 16, we
         w = wg[a:b]
         c = None if weights is None else weights[a:b]
         inv = div[None, :] / torch.where(amax[a:b] > 0, amax[a:b], torch.ones_like(amax[a:b]))[:, None]  # 1 / s
-        q = torch.clamp(torch.round(w[:, None, :] * inv[..., None]), qmin, qmax)   # [g, C, L]
-        wq = torch.einsum("gl,gcl->gc", w if c is None else w * c, q)
-        qq = (torch.einsum("gcl,gcl->gc", q, q) if c is None
-              else torch.einsum("gcl,gcl->gc", q * c[:, None, :], q)).clamp_min(1e-30)
+        q = torch.mul(w[:, None, :], inv[..., None]).round_().clamp_(qmin, qmax)   # [g, C, L], one buffer
+        # both sums as batched products over L: sum_l (w c)_l q_cl and sum_l c_l q_cl^2 (c = 1 unweighted)
+        wq = torch.bmm(q, (w if c is None else w * c).unsqueeze(-1)).squeeze(-1)
+        qsq = q * q
+        qq = (qsq.sum(-1) if c is None else torch.bmm(qsq, c.unsqueeze(-1)).squeeze(-1)).clamp_min(1e-30)
+        del qsq
         # with the least-squares scale s = wq / qq the error is sum(w^2) - wq^2 / qq: the largest wq^2 / qq wins
         i = (wq * wq / qq).argmax(dim=1, keepdim=True)
         best_s[a:b] = (wq.gather(1, i) / qq.gather(1, i)).squeeze(1)
