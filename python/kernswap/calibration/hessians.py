@@ -56,14 +56,20 @@ def _run(model: nn.Module, kw: Dict[str, Any]) -> int:
 
 
 def collect_hessians(model: nn.Module, layers: Sequence[nn.Linear], batches: List[Dict[str, Any]],
-                     progress: bool = False) -> Tuple[Dict[int, torch.Tensor], int]:
-    """{id(layer): H [K, K] fp64} over every input row each layer saw, and the number of calibration tokens."""
+                     progress: bool = False, diagonal: bool = False) -> Tuple[Dict[int, torch.Tensor], int]:
+    """{id(layer): H [K, K] fp64} over every input row each layer saw, and the number of calibration tokens;
+    ``diagonal``: only H's diagonal [K] (each input channel's sum of squares, in fp64)."""
     hess: Dict[int, torch.Tensor] = {}
 
     def hook(mod, args):
         x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        h = (x.t() @ x).to(torch.float64)
+        x = x.reshape(-1, x.shape[-1])
+        if diagonal:
+            x = x.to(torch.float64)
+            h = (x * x).sum(0)
+        else:
+            x = x.to(torch.float32)
+            h = (x.t() @ x).to(torch.float64)
         key = id(mod)
         hess[key] = h if key not in hess else hess[key] + h
 

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .hessians import calibration_forward
+from .hessians import collect_hessians
 
 __all__ = ["data_free_importance", "SEQUENCES", "SEQ_LEN", "SEED"]
 
@@ -31,27 +31,12 @@ def data_free_importance(model: nn.Module, layers: Sequence[nn.Module]
         return {}, "the model has no config.vocab_size (no token ids to feed it)"
     max_pos = getattr(cfg, "max_position_embeddings", None)
     length = min(SEQ_LEN, max_pos) if isinstance(max_pos, int) and max_pos > 0 else SEQ_LEN
-    sums: Dict[int, torch.Tensor] = {}
-
-    def hook(mod, args):
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        key = id(mod)
-        s = (x * x).sum(0)
-        sums[key] = s if key not in sums else sums[key] + s
-
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(SEED)
-    handles = [layer.register_forward_pre_hook(hook) for layer in {id(m): m for m in layers}.values()]
+    batches = [{"input_ids": torch.randint(0, vocab, (1, length), generator=gen).to(device)} for _ in range(SEQUENCES)]
     try:
-        with torch.no_grad():
-            for _ in range(SEQUENCES):
-                ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
-                calibration_forward(model, {"input_ids": ids})
+        sums, _ = collect_hessians(model, layers, batches, diagonal=True)
     except (TypeError, ValueError) as e:  # a forward that does not take input_ids this way
         return {}, f"the model's forward did not take token ids ({type(e).__name__}: {e})"
-    finally:
-        for h in handles:
-            h.remove()
     return sums, None

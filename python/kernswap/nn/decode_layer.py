@@ -17,6 +17,7 @@ import torch.nn as nn
 from .. import _ext
 from ..backends.cpu import extent, weight_args
 from ..ops.decode_layer_step import register_layer
+from ._parts import is_silu
 from ._state import tensor_key
 from .decode_static import static_step
 from .fused_linear import QuantLinearSlice
@@ -79,8 +80,7 @@ def decode_parts(layer: nn.Module):
     if not all(_is_rmsnorm(getattr(layer, n, None), qkv.in_features)
                for n in ("input_layernorm", "post_attention_layernorm")):
         return None
-    act = getattr(mlp, "act_fn", None)
-    if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
+    if not is_silu(getattr(mlp, "act_fn", None)):
         return None
     return qkv, o, gate_up, down, attn, mlp
 
@@ -278,6 +278,11 @@ class DecodeForward:
         return out.view(b, 1, h)
 
 
+def rope_rows(pe, b: int, d: int):
+    """cos and sin of ``pe`` ([1 or b, 1, d] each) as contiguous [b, d] rows (traceable: no memo)."""
+    return tuple(t.expand(b, 1, d).reshape(b, d).contiguous() for t in pe)
+
+
 _ROPE_MEMO = [None, None]  # [(position_embeddings tuple, batch), (cos rows, sin rows)]: one step's layers share it
 
 
@@ -287,6 +292,6 @@ def _rope_rows(pe, b: int, d: int):
     memo = _ROPE_MEMO
     if memo[0] is not None and memo[0][0] is pe and memo[0][1] == b:
         return memo[1]
-    rows = tuple(t.expand(b, 1, d).reshape(b, d).contiguous() for t in pe)
+    rows = rope_rows(pe, b, d)
     memo[0], memo[1] = (pe, b), rows
     return rows

@@ -20,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
-from ..ops.decode_layer_step import decode_layer_step
-from .decode_layer import DecodeForward, _rope_rows
+from ..ops.decode_layer_step import decode_layer_step, mask_fits
+from ._parts import hooked
+from .decode_layer import DecodeForward, _rope_rows, rope_rows
 from .sparse_attention import ATTN_NAME
 
 __all__ = ["DecodeModelForward", "MODEL_CLASSES", "decode_model_ready"]
@@ -55,11 +56,6 @@ def decode_model_ready(model: nn.Module) -> bool:
             and len(layers) > 0 and type(emb) is nn.Embedding and isinstance(getattr(model, "norm", None), nn.Module)
             and isinstance(getattr(model, "rotary_emb", None), nn.Module)
             and all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers))
-
-
-def _hooked(mod: nn.Module) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
-                or getattr(mod, "_forward_hooks_with_kwargs", None))
 
 
 class DecodeModelForward:
@@ -105,8 +101,8 @@ class DecodeModelForward:
                 or getattr(cfg, "_attn_implementation", None) not in _IMPLS):
             return None
         layers = model.layers
-        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _hooked(model)
-                or any(_hooked(layer) or type(layer.__dict__.get("forward")) is not DecodeForward for layer in layers)):
+        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or hooked(model)
+                or any(hooked(layer) or type(layer.__dict__.get("forward")) is not DecodeForward for layer in layers)):
             return None
         mask = kwargs.get("attention_mask")
         if type(mask) is dict:  # per layer type (generate's masks for a static cache): all full attention here
@@ -157,10 +153,7 @@ class DecodeModelForward:
         window = getattr(self.model.config, "sliding_window", None)
         if window is not None and window < cap:  # (without a mask the model's own would slide; the op's would not)
             return None
-        if mask is not None and not (
-                (mask.dim() == 2 and mask.shape[0] == b)
-                or (mask.dim() == 4 and mask.dtype in (torch.bool, torch.float32) and mask.shape[0] in (1, b)
-                    and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == cap)):
+        if mask is not None and not mask_fits(mask, b, cap):
             return None
         return layers
 
@@ -174,9 +167,8 @@ class DecodeModelForward:
         b, hsz = h.shape[0], h.shape[-1]
         if pos is None:
             pos = layers[0].cumulative_length.view(1, 1)
-        cos, sin = model.rotary_emb(h, position_ids=pos)
-        d = cos.shape[-1]
-        cos, sin = (t.expand(b, 1, d).reshape(b, d).contiguous() for t in (cos, sin))
+        pe = model.rotary_emb(h, position_ids=pos)
+        cos, sin = rope_rows(pe, b, pe[0].shape[-1])
         x = decode_layer_step(h.view(b, hsz), cos, sin, [cl.keys for cl in layers], [cl.values for cl in layers],
                               [cl.cumulative_length for cl in layers], mask,
                               [layer.__dict__["forward"].uid for layer in model.layers[:len(layers)]])

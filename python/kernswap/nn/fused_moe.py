@@ -20,6 +20,7 @@ from ..formats.base import layout
 from ..formats.experts import QuantizedExperts, quantize_experts
 from ..ops._dispatch import eager_fast_path
 from ..ops._moe_common import check_experts
+from ._parts import is_silu
 from ._state import CachedRunnerModule, tensor_key
 from ..ops.fused_moe import check_routed, fused_moe
 
@@ -244,6 +245,6 @@ def unsupported_reason(experts: nn.Module) -> Optional[str]:
         if getattr(experts, attr, want) != want:
             return f"{cls}: {attr}={getattr(experts, attr)} is not supported (need {want})"
     act = getattr(experts, "act_fn", None)
-    if act is None or not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+    if act is None or not is_silu(act):
         return f"{cls}: activation {type(act).__name__} is not SiLU (the fused kernels compute SwiGLU)"
     return None

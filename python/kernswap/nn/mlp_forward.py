@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .. import _ext
 from ..backends.cpu import extent
+from ._parts import hooked, is_silu
 from .decode_layer import _fused_of
 
 __all__ = ["MLP_CLASSES", "SwiGLUForward", "swiglu_parts"]
@@ -21,22 +22,13 @@ __all__ = ["MLP_CLASSES", "SwiGLUForward", "swiglu_parts"]
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP")
 
 
-def _hooked(mod) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
-                or getattr(mod, "_forward_hooks_with_kwargs", None))
-
-
-def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def swiglu_parts(mlp: nn.Module):
     """(fused gate/up layer, down) of an MLP whose SwiGLU this path computes, else None (read from ``_modules``)."""
     mm = mlp._modules
     gate, up, act, down = (mm.get(n) for n in ("gate_proj", "up_proj", "act_fn", "down_proj"))
     fused = _fused_of(gate, up) if gate is not None and up is not None else None
-    if (fused is None or down is None or not _is_silu(act) or gate.out_features != up.out_features
-            or any(_hooked(m) for m in (gate, up, act))):
+    if (fused is None or down is None or not is_silu(act) or gate.out_features != up.out_features
+            or any(hooked(m) for m in (gate, up, act))):
         return None
     return fused, down
 
@@ -62,7 +54,7 @@ class SwiGLUForward:
         fused, down = parts
         gu = fused(x)
         inter = fused.out_features // 2
-        if gu.dtype != torch.float32 or gu.stride(-1) != 1 or not gu.is_contiguous():
+        if gu.dtype != torch.float32 or not gu.is_contiguous():
             return down(self.mlp.act_fn(gu[..., :inter]) * gu[..., inter:])
         m = gu.numel() // max(1, gu.shape[-1])
         out = torch.empty(*gu.shape[:-1], inter)

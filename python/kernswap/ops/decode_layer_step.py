@@ -19,7 +19,7 @@ import torch
 
 from ._checks import check_int, check_tensor, require
 
-__all__ = ["decode_layer_step", "register_layer", "check_args"]
+__all__ = ["decode_layer_step", "register_layer", "check_args", "mask_fits"]
 
 OP = "torch.ops.kernswap.decode_layer_step"
 _F32 = (torch.float32,)
@@ -75,12 +75,17 @@ def check_args(fn, x, cos, sin, keys, values, positions, attention_mask, layer_i
         check_tensor(fn, "attention_mask", attention_mask, dtypes=_MASK_DTYPES + (torch.int64,), device=dev)
         m = attention_mask
         caps = {k.shape[2] for k in keys}
-        ok = (m.dim() == 2 and m.shape[0] == b) or (
-            m.dim() == 4 and m.dtype != torch.int64 and m.shape[0] in (1, b) and m.shape[1] == 1 and m.shape[2] == 1
-            and caps == {m.shape[3]})
-        require(ok, ValueError, lambda: f"{fn}: attention_mask must be None, [batch={b}, length] or "
-                                        f"[batch={b} or 1, 1, 1, capacity={sorted(caps)}] (bool or additive fp32), "
-                                        f"got {list(m.shape)} {m.dtype}")
+        require(all(mask_fits(m, b, c) for c in caps), ValueError,
+                lambda: f"{fn}: attention_mask must be None, [batch={b}, length] or [batch={b} or 1, 1, 1, "
+                        f"capacity={sorted(caps)}] (bool or additive fp32), got {list(m.shape)} {m.dtype}")
+
+
+def mask_fits(m: torch.Tensor, b: int, cap: int) -> bool:
+    """A mask of a form the op reads for batch b over caches of ``cap`` positions: a [b, L] padding mask, or the
+    model's [b or 1, 1, 1, cap] bool / additive fp32 mask."""
+    return (m.dim() == 2 and m.shape[0] == b) or (
+        m.dim() == 4 and m.dtype in _MASK_DTYPES and m.shape[0] in (1, b) and m.shape[1] == 1 and m.shape[2] == 1
+        and m.shape[3] == cap)
 
 
 def _run(fn, x, cos, sin, keys, values, positions, attention_mask, layer_ids) -> torch.Tensor:
@@ -95,8 +100,7 @@ def _decode_layer_step_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           values: List[torch.Tensor], positions: List[torch.Tensor],
                           attention_mask: Optional[torch.Tensor], layer_ids: List[int]) -> torch.Tensor:
     check_args(OP, x, cos, sin, keys, values, positions, attention_mask, layer_ids)
-    out = _run(OP, x, cos, sin, keys, values, positions, attention_mask, layer_ids)
-    return out.clone() if out is x else out  # (an op's output never aliases its input)
+    return _run(OP, x, cos, sin, keys, values, positions, attention_mask, layer_ids)
 
 
 @_decode_layer_step_op.register_fake

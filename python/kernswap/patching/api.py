@@ -176,8 +176,9 @@ def patch(
         raise ValueError(f"kernswap.patch: {calibrated[0]} needs calibration= (token ids, a list of them, or an "
                          f"iterable of model-input dicts); use method='mse' (the int4 default) or 'rtn', and "
                          f"smooth=None, without")
-    weighted = calibration is not None and any(c is not None and c.method in HESSIAN_METHODS for c in (cfg, head_cfg))
-    batches = normalize_calibration(calibration) if calibrated or weighted else None
+    used = {c.method for c in (cfg, head_cfg) if c is not None}  # the methods the request quantizes with
+    weighted = bool(used.intersection(HESSIAN_METHODS))  # (their scales read the inputs' Hessians when given)
+    batches = normalize_calibration(calibration) if calibrated or (weighted and calibration is not None) else None
 
     state = patch_state(model)
     if state is not None:
@@ -195,11 +196,11 @@ def patch(
             # folded before the Hessians: they see the scaled inputs
             rec, smooth_note = _smooth(model, cfg, request["skip"] + ((head,) if head else ()), batches)
             pre = [rec] if rec is not None else []
-        if batches is not None and any(c is not None and c.method in HESSIAN_METHODS for c in (cfg, head_cfg)):
+        if batches is not None and weighted:
             # calibration, before anything is swapped (the model is left as it was)
             hessians, calib_tokens = _calibrate(model, family, cfg, head_cfg, head, request["skip"], batches,
                                                 progress)
-        elif batches is None and any(c is not None and c.method == "mse" for c in (cfg, head_cfg)):
+        elif batches is None and "mse" in used:
             hessians, importance_note = _data_free(model, cfg, head_cfg, head, request["skip"])
     except BaseException:
         for rec in reversed(pre):
@@ -232,7 +233,7 @@ def patch(
             report.notes.append(note)
     if batches is not None and not calib_tokens:
         calib_tokens = sum(_tokens(kw) for kw in batches)
-    methods = sorted({c.method for c in (cfg, head_cfg) if c is not None})
+    methods = sorted(used)
     if methods:
         report.notes.append(f"quantization method: {', '.join(methods)}" + (
             f"; calibration: {len(batches)} batch(es), {calib_tokens} tokens" if batches is not None else ""))
@@ -284,8 +285,7 @@ def _data_free(model: nn.Module, cfg, head_cfg, head, skip):
     from ..calibration.importance import SEQ_LEN, SEQUENCES, data_free_importance
 
     config_of = _hessian_configs(model, cfg, head_cfg, head, skip)
-    layers = [m for m in model.modules() if type(m) is nn.Linear and config_of(m) is not None
-              and config_of(m).method == "mse"]
+    layers = [m for m in model.modules() if type(m) is nn.Linear and getattr(config_of(m), "method", None) == "mse"]
     sums, why = data_free_importance(model, layers)
     if why is not None:
         return {}, f"mse scales: weight error (no data-free importance: {why})"
