@@ -3,6 +3,8 @@
     python bench/bench_e2e.py            # the full measurement (~15-25 min on the 2-core reference CPU)
     python bench/bench_e2e.py --quick    # smoke run: 1 window of 128 tokens, 8 new tokens (numbers meaningless)
     python bench/run.py --only e2e       # the same suite through the shared runner
+    python bench/bench_e2e.py --quality  # the quality table instead: every format x method and the peers on 8,192
+                                         # tokens (bench/e2e_quality.py, ~40 min)
 
 Quality: perplexity on the first 8,192 tokens of gensim's lee_background.cor in 512-token windows, and the
 mean KL(fp32 || variant) of next-token distributions, for fp32, int8, w8a8, int4 (g128 sym), w4a8 (g128) and
@@ -307,6 +309,9 @@ def self_check() -> None:
     sp = speed(models, ids, dict(prefill=32, prompt=4, new_tokens=4, repeats=2, batches=(2,), batch_tokens=3))
     assert set(sp) == {"fp32", "int8+head"} and all(v["decode_tps"] > 0 and v["prefill_s"] > 0 for v in sp.values())
     assert sp["fp32"]["decode_tps_b2"] > 0
+    import e2e_quality
+
+    e2e_quality.self_check()
 
 
 def main(argv=None) -> int:
@@ -315,7 +320,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="results folder (default bench/results; --quick: a temp folder)")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--quality", action="store_true", help="the quality table (bench/e2e_quality.py) instead")
     a = p.parse_args(argv)
+    if a.quality:
+        import e2e_quality
+
+        return e2e_quality.main((["--quick"] if a.quick else []) + ["--threads", str(a.threads)] +
+                                (["--out", a.out] if a.out else []))
     ctx = H.make_context(threads=a.threads, quick=a.quick)
     t0 = time.perf_counter()
     rows, tgts = run(ctx)

@@ -17,6 +17,7 @@ import ctypes
 import os
 import sys
 import tempfile
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -55,37 +56,48 @@ class TorchLM:
 
 # ------------------------------------------------------------------------------------------------ torchao
 TORCHAO_CONFIGS = ("torchao-int8wo", "torchao-int8dyn", "torchao-int4-hqq")
+# how each torchao config chooses its quantization parameters (the quality table's method column)
+TORCHAO_METHOD = {"torchao-int8wo": "rtn", "torchao-int8dyn": "rtn", "torchao-int4": "tinygemm qparams",
+                  "torchao-int4-hqq": "hqq"}
+
+
+def torchao_config(name: str):
+    """torchao 0.18's CPU config called ``name``: int8 weight-only, int8 dynamic activations + int8 weights, int4
+    weight-only with group 64 (SmolLM2's 576-wide layers have no 128-groups) and tinygemm or HQQ qparams."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    if name.startswith("torchao-int4"):
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm=(
+            "hqq" if name.endswith("-hqq") else "tinygemm"))
+    return {"torchao-int8wo": Int8WeightOnlyConfig, "torchao-int8dyn": Int8DynamicActivationInt8WeightConfig}[name]()
+
+
+def torchao_model(base, name: str):
+    """A copy of ``base`` quantized by torchao's config ``name``; raises when torchao is missing or the config has
+    no CPU kernel (checked by one generated token)."""
+    from torchao.quantization import quantize_
+
+    m = copy.deepcopy(base)
+    quantize_(m, torchao_config(name))
+    TorchLM(m, 0).generate(torch.zeros(1, 4, dtype=torch.long), 1)
+    return m
 
 
 def torchao_models(base, module_memory: Callable, skip=()) -> Tuple[Dict[str, TorchLM], Dict[str, str]]:
-    """torchao 0.18's CPU configs on copies of ``base``: int8 weight-only, int8 dynamic activations + int8
-    weights, int4 weight-only (group 64, HQQ qparams; SmolLM2's 576-wide layers have no 128-groups). Returns
-    (name -> model, name -> why it could not be built); ``skip``: configs left out of this run."""
+    """The TORCHAO_CONFIGS on copies of ``base``. Returns (name -> model, name -> why it could not be built);
+    ``skip``: configs left out of this run."""
     out: Dict[str, TorchLM] = {}
     why: Dict[str, str] = {}
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-    except Exception as e:  # noqa: BLE001 - not installed, or a build that does not match this torch
-        return {}, {n: f"torchao not importable: {type(e).__name__}: {e}"[:200] for n in TORCHAO_CONFIGS}
-
-    def int4_hqq():
-        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-
-        return PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm="hqq")
-
-    makers = {"torchao-int8wo": Int8WeightOnlyConfig, "torchao-int8dyn": Int8DynamicActivationInt8WeightConfig,
-              "torchao-int4-hqq": int4_hqq}
-    for name, make in makers.items():
+    for name in TORCHAO_CONFIGS:
         if name in skip:
             why[name] = "measured with --full only (slow on the CPU)"
             continue
         try:
-            m = copy.deepcopy(base)
-            quantize_(m, make())
-            lm = TorchLM(m, module_memory(m))
-            lm.generate(torch.zeros(1, 4, dtype=torch.long), 1)  # fails here if the config has no CPU kernel
-            out[name] = lm
-        except Exception as e:  # noqa: BLE001 - a config this torch/CPU cannot run is reported, not fatal
+            m = torchao_model(base, name)
+            out[name] = TorchLM(m, module_memory(m))
+        except Exception as e:  # noqa: BLE001 - not installed, a build that does not match this torch, or no CPU path
             why[name] = f"{type(e).__name__}: {e}"[:200]
             print(f"[e2e] {name} not measured: {why[name]}", file=sys.stderr)
     return out, why
@@ -93,6 +105,7 @@ def torchao_models(base, module_memory: Callable, skip=()) -> Tuple[Dict[str, To
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
 LLAMA_CPP_TYPES = ("Q4_1", "Q8_0", "Q4_0")  # the shipped file's type first
+LLAMA_CPP_QUANTIZE_S: Dict[str, float] = {}  # seconds llama_model_quantize took per type (when run, not cached)
 
 
 class LlamaCppLM:
@@ -178,10 +191,24 @@ def _probe(path: str, threads: int) -> Optional[str]:
     return f"llama.cpp crashed in a probe process ({how}) on a 32-token batch; rebuild llama-cpp-python"
 
 
-def llama_cpp_models(gguf: str, threads: int, n_ctx: int) -> Tuple[Dict[str, LlamaCppLM], Dict[str, str]]:
-    """llama.cpp on the shipped GGUF (Q4_1) and on Q8_0 / Q4_0 made from it (cached next to the kernswap cache).
-    Returns (name -> model, name -> why not)."""
-    names = [f"llama.cpp-{t}" for t in LLAMA_CPP_TYPES]
+def gguf_bits_per_weight(path: str) -> float:
+    """Stored bits per weight of a GGUF's 2-D layer tensors (blk.*: the linear layers; the embedding table and
+    norms are left out, as for the other rows)."""
+    from gguf import GGUFReader
+
+    stored = weights = 0
+    for t in GGUFReader(path).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            stored += int(t.n_bytes)
+            weights += int(t.n_elements)
+    return 8 * stored / weights if weights else float("nan")
+
+
+def llama_cpp_models(gguf: str, threads: int, n_ctx: int, types=LLAMA_CPP_TYPES
+                     ) -> Tuple[Dict[str, LlamaCppLM], Dict[str, str]]:
+    """llama.cpp on the shipped GGUF (Q4_1, the first of ``types``) and on the other ``types`` made from it
+    (cached in a temp folder). Returns (name -> model, name -> why not)."""
+    names = [f"llama.cpp-{t}" for t in types]
     try:
         import llama_cpp  # noqa: F401
     except Exception as e:  # noqa: BLE001
@@ -191,13 +218,15 @@ def llama_cpp_models(gguf: str, threads: int, n_ctx: int) -> Tuple[Dict[str, Lla
     why: Dict[str, str] = {}
     cache = os.path.join(tempfile.gettempdir(), "kernswap-bench-gguf")
     os.makedirs(cache, exist_ok=True)
-    for t, name in zip(LLAMA_CPP_TYPES, names):
+    for t, name in zip(types, names):
         try:
             path = gguf
             if t != LLAMA_CPP_TYPES[0]:
                 path = os.path.join(cache, os.path.basename(gguf).rsplit(".", 1)[0] + f"-{t}.gguf")
                 if not os.path.exists(path):
+                    t0 = time.perf_counter()
                     _requantize(gguf, path + ".tmp", t)
+                    LLAMA_CPP_QUANTIZE_S[t] = time.perf_counter() - t0
                     os.replace(path + ".tmp", path)
             crash = _probe(path, threads)
             if crash:

@@ -82,13 +82,12 @@ def search_symmetric(wg: torch.Tensor, qmin: int, qmax: int, steps: int = SYM_ST
         q = torch.mul(w[:, None, :], inv[..., None]).round_().clamp_(qmin, qmax)   # [g, C, L], one buffer
         # both sums as batched products over L: sum_l (w c)_l q_cl and sum_l c_l q_cl^2 (c = 1 unweighted)
         wq = torch.bmm(q, (w if c is None else w * c).unsqueeze(-1)).squeeze(-1)
-        qsq = q * q
-        qq = (qsq.sum(-1) if c is None else torch.bmm(qsq, c.unsqueeze(-1)).squeeze(-1)).clamp_min(1e-30)
-        del qsq
+        q.square_()  # the codes are re-made for the winner below: the buffer can hold their squares
+        qq = (q.sum(-1) if c is None else torch.bmm(q, c.unsqueeze(-1)).squeeze(-1)).clamp_min(1e-30)
         # with the least-squares scale s = wq / qq the error is sum(w^2) - wq^2 / qq: the largest wq^2 / qq wins
         i = (wq * wq / qq).argmax(dim=1, keepdim=True)
         best_s[a:b] = (wq.gather(1, i) / qq.gather(1, i)).squeeze(1)
-        best_q[a:b] = q.gather(1, i[..., None].expand(-1, 1, w.shape[1])).squeeze(1)
+        best_q[a:b] = torch.mul(w, inv.gather(1, i)).round_().clamp_(qmin, qmax)
     best_s, best_q = _refine(wg, best_s, best_q, qmin, qmax, weights=weights)
     zero = amax == 0
     return torch.where(zero, torch.zeros_like(best_s), best_s), torch.where(zero[:, None], 0.0, best_q)
