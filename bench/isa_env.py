@@ -13,6 +13,7 @@ TORCH_ENV: Dict[str, tuple] = {
     "avx_vnni": ("avx2", "AVX2_VNNI", "AVX2"),
     "avx512": ("avx512", "AVX512_CORE", "AVX512"),
     "avx512_vnni": ("avx512", "AVX512_CORE_VNNI", "AVX512_E1"),
+    "amx": ("avx512", "AVX512_CORE_AMX", "AVX512_E4"),
 }
 _VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 

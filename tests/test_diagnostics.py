@@ -173,11 +173,13 @@ def test_cpu_features_and_tiers():
     C = _ext.get_C()
     feats = _ext.cpu_features()
     assert {"AVX2", "FMA", "F16C", "AVX_VNNI", "AVX512F", "AVX512_VNNI", "AVX512_BF16"} <= set(feats)
-    assert set(C.all_isas()) == {"scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni"}
+    assert {"AMX_TILE", "AMX_INT8", "OS_TILE_STATE"} <= set(feats)  # reported on every CPU, True or False
+    assert set(C.all_isas()) == {"scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni", "amx"}
     sup = _ext.supported_isas()
     assert ("avx2" in sup) == all(feats[f] for f in ("AVX2", "FMA", "F16C", "OS_YMM_STATE"))
     assert ("avx512_vnni" in sup) == ("avx512" in sup and feats["AVX512_VNNI"])  # BF16 not required
     assert ("avx_vnni" in sup) == ("avx2" in sup and feats["AVX_VNNI"])
+    assert ("amx" in sup) == ("avx512_vnni" in sup and all(feats[f] for f in ("AMX_TILE", "AMX_INT8", "OS_TILE_STATE")))
 
 
 @needs_C

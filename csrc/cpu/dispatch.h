@@ -27,6 +27,12 @@
 #else
 #define KS_X86_KERNEL(f) nullptr
 #endif
+// A kernel of the amx tier: present when CMake built the *_amx.cpp files (a compiler with the tile instructions).
+#if KS_X86 && defined(KS_HAVE_AMX)
+#define KS_AMX_KERNEL(f) f
+#else
+#define KS_AMX_KERNEL(f) nullptr
+#endif
 
 namespace kernswap {
 namespace cpu {

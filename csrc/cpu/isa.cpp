@@ -6,6 +6,10 @@
 #if KS_X86
 #include <cpuid.h>
 #endif
+#if KS_X86 && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace kernswap {
 namespace cpu {
@@ -13,15 +17,17 @@ namespace {
 
 constexpr const char* kFeatureNames[kNumFeatures] = {
     "AVX2", "FMA", "F16C", "OS_YMM_STATE", "AVX_VNNI", "AVX512F",
-    "AVX512BW", "AVX512VL", "AVX512DQ", "OS_ZMM_STATE", "AVX512_VNNI", "AVX512_BF16"};
+    "AVX512BW", "AVX512VL", "AVX512DQ", "OS_ZMM_STATE", "AVX512_VNNI", "AVX512_BF16",
+    "AMX_TILE", "AMX_INT8", "OS_TILE_STATE"};
 
-constexpr const char* kIsaNames[kNumIsas] = {"scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni"};
+constexpr const char* kIsaNames[kNumIsas] = {"scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni", "amx"};
 
 // What each tier's translation units are compiled for (CMakeLists.txt gives the matching -m flags).
 constexpr uint32_t kAvx2Tier = kAvx2 | kFma | kF16c | kOsYmmState;
 constexpr uint32_t kAvx512Tier = kAvx2Tier | kAvx512F | kAvx512Bw | kAvx512Vl | kAvx512Dq | kOsZmmState;
 constexpr uint32_t kTierFeatures[kNumIsas] = {0, kAvx2Tier, kAvx2Tier | kAvxVnni, kAvx512Tier,
-                                              kAvx512Tier | kAvx512Vnni};
+                                              kAvx512Tier | kAvx512Vnni,
+                                              kAvx512Tier | kAvx512Vnni | kAmxTile | kAmxInt8 | kOsTileState};
 
 #if KS_X86
 uint64_t xgetbv0() {
@@ -30,16 +36,29 @@ uint64_t xgetbv0() {
   return (static_cast<uint64_t>(edx) << 32) | eax;
 }
 
+// Linux hands out the AMX tile data state per process, on request (arch_prctl ARCH_REQ_XCOMP_PERM); without the
+// grant the first tile instruction faults. Elsewhere the tier stays off.
+bool tile_state_granted() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 uint32_t detect() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
   uint32_t f = 0;
+  bool tile_regs = false;
   if (c & (1u << 12)) f |= kFma;
   if (c & (1u << 29)) f |= kF16c;
   if (c & (1u << 27)) {  // OSXSAVE: xgetbv is available and says which register states the OS saves
     const uint64_t xcr0 = xgetbv0();
     if ((xcr0 & 0x6) == 0x6) f |= kOsYmmState;     // xmm + ymm
     if ((xcr0 & 0xe6) == 0xe6) f |= kOsZmmState;   // + opmask, zmm0-15 upper halves, zmm16-31
+    tile_regs = (xcr0 & 0x60000) == 0x60000;       // XTILECFG + XTILEDATA
   }
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
     if (b & (1u << 5)) f |= kAvx2;
@@ -48,12 +67,15 @@ uint32_t detect() {
     if (b & (1u << 30)) f |= kAvx512Bw;
     if (b & (1u << 31)) f |= kAvx512Vl;
     if (c & (1u << 11)) f |= kAvx512Vnni;
+    if (d & (1u << 24)) f |= kAmxTile;
+    if (d & (1u << 25)) f |= kAmxInt8;
     const unsigned max_sub = a;
     if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) {
       if (a & (1u << 4)) f |= kAvxVnni;
       if (a & (1u << 5)) f |= kAvx512Bf16;
     }
   }
+  if (tile_regs && (f & kAmxTile) && tile_state_granted()) f |= kOsTileState;
   return f;
 }
 #else

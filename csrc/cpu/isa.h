@@ -20,10 +20,11 @@ namespace cpu {
 
 // Tiers in increasing order. Each tier is a set of CPU features (tier_features) and a kernel namespace /
 // file suffix: scalar (any CPU), avx2 (*_avx2.cpp), avx_vnni (*_avxvnni.cpp), avx512 (*_avx512.cpp),
-// avx512_vnni (*_avx512vnni.cpp). A higher tier does not imply the lower ones (a Cascade Lake has avx512_vnni
-// but not avx_vnni), so "supported" is checked per tier.
-enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Avx512Vnni = 4 };
-constexpr int kNumIsas = 5;
+// avx512_vnni (*_avx512vnni.cpp), amx (*_amx.cpp: avx512_vnni + AMX tiles with int8 products, Sapphire Rapids
+// and later Xeons; Linux only, where the process is granted the tile state). A higher tier does not imply the lower
+// ones (a Cascade Lake has avx512_vnni but not avx_vnni), so "supported" is checked per tier.
+enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Avx512Vnni = 4, Amx = 5 };
+constexpr int kNumIsas = 6;
 
 // CPU features, one bit each. The OS_*_STATE bits say that the OS saves the wide registers (xgetbv).
 enum Feature : uint32_t {
@@ -39,8 +40,11 @@ enum Feature : uint32_t {
   kOsZmmState = 1u << 9,
   kAvx512Vnni = 1u << 10,
   kAvx512Bf16 = 1u << 11,  // detected and reported; no tier requires it
+  kAmxTile = 1u << 12,
+  kAmxInt8 = 1u << 13,
+  kOsTileState = 1u << 14,  // the OS saves the tile registers (xgetbv) and granted this process their use
 };
-constexpr int kNumFeatures = 12;
+constexpr int kNumFeatures = 15;
 
 const char* feature_name(int bit);            // "AVX2", "AVX512_VNNI", ... for bit index 0..kNumFeatures-1
 std::string feature_names(uint32_t features);  // "AVX512F, AVX512BW" (in bit order)

@@ -78,6 +78,8 @@ void qlinear(const QLinearArgs& args);
 void qlinear_fma(const QLinearArgs& args);
 }
 namespace avx512_vnni { void qlinear(const QLinearArgs& args); }
+// Dynamic-activation formats on AMX tiles from 16 rows (qlinear_amx.cpp); the rest goes to avx512_vnni::qlinear.
+namespace amx { void qlinear(const QLinearArgs& args); }
 
 }  // namespace cpu
 }  // namespace kernswap
