@@ -287,6 +287,33 @@ def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: 
     H.print_targets([t for t in tgts if t["unit"] != "%"], file=file)
 
 
+def markdown(rows: List[Dict[str, Any]]) -> str:
+    """The README's tables from a results file's rows: kernswap's formats x methods (delta perplexity, KL,
+    quantize seconds), then the peers."""
+    cols = list(METHODS) + sorted({r["method"] for r in rows if not r.get("peer") and r.get("method") not in METHODS
+                                   and r.get("format") in FORMATS})
+    by = {(r.get("format"), r.get("method")): r for r in rows if not r.get("peer")}
+    out = ["| format (bits/weight) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for fmt in FORMATS:
+        cells = []
+        for m in cols:
+            r = by.get((fmt, m))
+            cells.append("" if r is None or r.get("dppl_pct") is None else
+                         f"{r['dppl_pct']:+.2f}% (KL {r['kl']:.3f}, {r['quantize_s']:.0f} s)")
+        if any(cells):
+            bits = next((by[(fmt, m)]["bits_per_weight"] for m in cols if (fmt, m) in by), float("nan"))
+            out.append(f"| {fmt} ({bits:.2f}) | " + " | ".join(cells) + " |")
+    out += ["", "| peer | bits/weight | d ppl | KL | quantize s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("peer") == "missing":
+            out.append(f"| {r['variant']} | not measured: {r['why'][:80]} | | | |")
+        elif r.get("peer"):
+            q = r.get("quantize_s")
+            out.append(f"| {r['variant']} ({r['method']}) | {r['bits_per_weight']:.2f} | {r['dppl_pct']:+.2f}% | "
+                       f"{r['kl']:.3f} | {'-' if q is None else format(q, '.1f')} |")
+    return "\n".join(out)
+
+
 def _f(v, spec, suffix="") -> str:
     return "-" if v is None else format(v, spec) + suffix
 
@@ -316,7 +343,15 @@ def main(argv=None) -> int:
                                                       "text (repeatable; replaces the grid, no peers)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --quick or --config: "
                                                 "a temp folder)")
+    ap.add_argument("--markdown", default=None, metavar="RESULTS", help="print a results file as the README's "
+                                                                        "tables and exit")
     a = ap.parse_args(argv)
+    if a.markdown:
+        import json
+
+        with open(a.markdown) as f:
+            print(markdown(json.load(f)["rows"]))
+        return 0
     ctx = H.make_context(threads=a.threads, quick=a.quick)
     configs = [("custom", c, c) for c in a.config] if a.config else None
     t0 = time.perf_counter()

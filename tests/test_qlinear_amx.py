@@ -15,7 +15,7 @@ from kernswap.reference import reference_linear
 
 pytestmark = pytest.mark.skipif("amx" not in ISAS, reason="the CPU or OS offers no AMX tier here")
 
-# (M, N, K): the row threshold (15 stays on vpdpbusd, 16 takes tiles), a partial 32-row block, one weight tile
+# w4a8-g32-asym: handed to avx512_vnni (groups under 64); (M, N, K): the row threshold (15 stays on vpdpbusd, 16 takes tiles), a partial 32-row block, one weight tile
 # (N <= 16) and an odd count of them, k steps of 32 (K = 96 for int8), K = 100 (no step divides it: the fallback),
 # and K = 2304 (int8: three 1024-segments, the last one short)
 SHAPES = [(15, 40, 256), (16, 40, 256), (33, 8, 256), (47, 72, 384), (64, 1000, 128), (19, 24, 96), (20, 8, 100),

@@ -1,6 +1,7 @@
 // Tier amx (avx512_vnni + AMX-TILE/AMX-INT8: Sapphire Rapids and later Xeons) of the quantized-linear engine: the
-// formats with dynamic int8 activations (W8A8, W4A8) from kAmxFromRows rows on, as tile products; everything else
-// (weight-only formats, decode-sized calls, K that no tile step divides) is the avx512_vnni tier's.
+// formats with dynamic int8 activations (W8A8, W4A8 with groups of 64 or more) from kAmxFromRows rows on, as tile
+// products; everything else (weight-only formats, decode-sized calls, int4 groups of 32, K that no tile step
+// divides) is the avx512_vnni tier's.
 //
 // The activations are the engine's (qlinear_common.h: one signed digit per element, a scale per row), the
 // segments too (a weight group for int4, 1024 k for int8), and each segment is flushed into fp32 with the engine's
@@ -29,8 +30,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// k per tile step: the largest of 64 / 32 that divides both the segment and the padded row (0: none does).
+// k per tile step: the largest of 64 / 32 that divides both the segment and the padded row (0: none does, or an
+// int4 group under 64: each group's flush then costs more than its tile products, and the tiles measured at
+// 0.9x the vpdpbusd engine for W4A8 g32 at 512 x 1536 x 576, 1.07x at g64, 1.3-1.5x at g128; Xeon, 2 threads).
 int64_t k_step(const Plan& p) {
+  if (p.bits == 4 && p.seg_k < 64) return 0;
   for (int64_t s : {64, 32})
     if (p.seg_k % s == 0 && p.kpad % s == 0) return s;
   return 0;
@@ -62,9 +66,11 @@ const uint8_t* b_panel(const Plan& p, const QLinearArgs& a, int64_t t, std::vect
   return buf.data();
 }
 
-// out[r][c] (rows m0.., columns of tiles t0, t0+1) += segment s's flush of the int32 sums in `sums` [2][2][16][16].
+// Segment s's flush of the int32 sums in `sums` [2][2][16][16] (rows m0.., columns of tiles t0, t0 + 1) into the
+// fp32 partial results out[r][c]: the first segment writes them, later ones add, and the last one stores the rows.
 void flush(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, int64_t t0, int nt, int64_t s,
            const int32_t (*sums)[16][16], float (*out)[32]) {
+  const bool first = s == 0, last = s == p.nseg - 1;
   const int64_t g = p.group_of(s);
   for (int j = 0; j < nt; ++j) {
     const int64_t n0 = (t0 + j) * 16;
@@ -85,7 +91,13 @@ void flush(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, in
         __m512 tv = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * i + j][r]));
         tv = _mm512_fnmadd_ps(zf, _mm512_set1_ps(acts.asum[at]), tv);
         float* o = out[16 * i + r] + 16 * j;
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_mul_ps(tv, _mm512_set1_ps(acts.sx[at])), sw, _mm512_loadu_ps(o)));
+        const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(tv, _mm512_set1_ps(acts.sx[at])), sw,
+                                         first ? _mm512_setzero_ps() : _mm512_loadu_ps(o));
+        if (last) {
+          store16(a, m0 + 16 * i + r, n0, v);
+        } else {
+          _mm512_storeu_ps(o, v);
+        }
       }
   }
 }
@@ -99,7 +111,6 @@ void task(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t kstep, 
   alignas(64) float out[32][32];
   const int64_t lda = p.kpad;
   for (int64_t m = m0; m < m1; m += 32) {
-    std::memset(out, 0, sizeof(out));
     const int8_t* a0 = acts.digits.data() + m * lda;
     const int8_t* a1 = a0 + 16 * lda;  // rows past M are zero digits (padded by the caller)
     for (int64_t s = 0; s < p.nseg; ++s) {
@@ -130,8 +141,6 @@ void task(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t kstep, 
       _tile_stored(3, sums[3], 64);
       flush(p, a, acts, m, t0, nt, s, sums, out);
     }
-    for (int i = 0; i < 32 && m + i < p.M; ++i)
-      for (int j = 0; j < nt; ++j) store16(a, m + i, (t0 + j) * 16, _mm512_loadu_ps(out[i] + 16 * j));
   }
 }
 
