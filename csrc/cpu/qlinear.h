@@ -78,7 +78,7 @@ void qlinear(const QLinearArgs& args);
 void qlinear_fma(const QLinearArgs& args);
 }
 namespace avx512_vnni { void qlinear(const QLinearArgs& args); }
-// Dynamic-activation formats on AMX tiles from 16 rows (qlinear_amx.cpp); the rest goes to avx512_vnni::qlinear.
+// Dynamic-activation formats on AMX tiles from 32 rows (qlinear_amx.cpp); the rest goes to avx512_vnni::qlinear.
 namespace amx { void qlinear(const QLinearArgs& args); }
 
 }  // namespace cpu
