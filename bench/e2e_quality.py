@@ -289,20 +289,19 @@ def print_results(rows: List[Dict[str, Any]], tgts: List[Dict[str, Any]], file: 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
     """The README's tables from a results file's rows: kernswap's formats x methods (delta perplexity, KL,
-    quantize seconds), then the peers."""
-    cols = list(METHODS) + sorted({r["method"] for r in rows if not r.get("peer") and r.get("method") not in METHODS
-                                   and r.get("format") in FORMATS})
+    quantize seconds; the EXTRAS in one more column), then the peers."""
     by = {(r.get("format"), r.get("method")): r for r in rows if not r.get("peer")}
-    out = ["| format (bits/weight) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+
+    def cell(r, label=""):
+        return f"{label}{r['dppl_pct']:+.2f}% (KL {r['kl']:.3f}, {r['quantize_s']:.0f} s)"
+
+    out = ["| format (bits/weight) | " + " | ".join(METHODS) + " | more |", "|---" * (len(METHODS) + 2) + "|"]
     for fmt in FORMATS:
-        cells = []
-        for m in cols:
-            r = by.get((fmt, m))
-            cells.append("" if r is None or r.get("dppl_pct") is None else
-                         f"{r['dppl_pct']:+.2f}% (KL {r['kl']:.3f}, {r['quantize_s']:.0f} s)")
-        if any(cells):
-            bits = next((by[(fmt, m)]["bits_per_weight"] for m in cols if (fmt, m) in by), float("nan"))
-            out.append(f"| {fmt} ({bits:.2f}) | " + " | ".join(cells) + " |")
+        cells = [cell(by[(fmt, m)]) if (fmt, m) in by else "" for m in METHODS]
+        more = [cell(by[(f, m)], f"{m}: ") for f, m, _ in EXTRAS if f == fmt and (f, m) in by]
+        if any(cells) or more:
+            bits = next((r["bits_per_weight"] for (f, _), r in by.items() if f == fmt), float("nan"))
+            out.append(f"| {fmt} ({bits:.2f}) | " + " | ".join(cells) + " | " + "; ".join(more) + " |")
     out += ["", "| peer | bits/weight | d ppl | KL | quantize s |", "|---|---|---|---|---|"]
     for r in rows:
         if r.get("peer") == "missing":
