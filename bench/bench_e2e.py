@@ -123,24 +123,13 @@ def build_variants(base, ctx: H.Context, s: Dict[str, Any]) -> Tuple[Dict[str, A
 
 
 def quality(models: Dict[str, Any], ids: torch.Tensor, window: int) -> Dict[str, Dict[str, float]]:
-    """Perplexity per model and mean KL(fp32 || model) over all predicted positions, on the same token ids."""
+    """Perplexity per model and mean KL(fp32 || model) over all predicted positions, on the same token ids (the
+    first model is the reference; e2e_quality.Scorer keeps its log-probabilities and scores the others)."""
+    from e2e_quality import Scorer
+
     names = [n for n in models if n not in NO_QUALITY]
-    nll = {n: 0.0 for n in names}
-    kl = {n: 0.0 for n in names}
-    count = 0
-    for start in range(0, ids.shape[1] - window + 1, window):
-        x = ids[:, start:start + window]
-        target = x[:, 1:]
-        ref = None
-        for n in names:
-            logp = models[n].logprobs(x)
-            nll[n] += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-            if ref is None:
-                ref = logp
-            kl[n] += (ref.exp() * (ref - logp)).sum(-1).sum().item()
-        count += target.numel()
-        print(f"[e2e] quality: {start + window}/{ids.shape[1]} tokens", file=sys.stderr)
-    return {n: {"ppl": math.exp(nll[n] / count), "kl": kl[n] / count, "tokens": count} for n in names}
+    scorer = Scorer(models[names[0]], ids, window)
+    return {n: scorer.score(models[n]) for n in names}
 
 
 def speed(models: Dict[str, Any], ids: torch.Tensor, s: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
@@ -239,7 +228,7 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         return H.target(name, a / b if a and b else None, need, f"{variant} vs {peer} ({key})")
 
     # speed targets of the AVX-512 VNNI machine (issue 3) and of every other tier (issue 13: >= 1.3x)
-    vnni = any(t in str(rows[0].get("isa", "")) for t in ("avx512_vnni", "amx")) if rows else False
+    vnni = H.vnni_class(rows[0].get("isa")) if rows else False
     out = [at_most("int8 quality", "int8", 0.3), at_most("w8a8 quality", "w8a8", 1.5),
            speedup("int4 decode", "int4", "decode_speedup", 2.0 if vnni else 1.3),
            speedup("int8 decode", "int8", "decode_speedup", 1.5 if vnni else 1.3),

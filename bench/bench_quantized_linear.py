@@ -318,7 +318,7 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             def ratio(base):
                 return base / t if (base and t) else None
             # the targets of the AVX-512 VNNI machine (issue 2) and of every other tier (issue 13)
-            vnni = any(t in str(r.get("isa", "")) for t in ("avx512_vnni", "amx"))
+            vnni = H.vnni_class(r.get("isa"))
             out.append(H.target(f"{fmt} never slower than F.linear fp32", ratio(fp32), 1.0, det))
             if m == 1 and fmt == "int4":
                 out.append(H.target("int4 M=1 vs torch int4 op (best act dtype)", ratio(torch4), 2.5 if vnni else 2.0,

@@ -2,7 +2,8 @@
 windows) and mean KL(fp32 || model) of the next-token distributions, for every kernswap format x method and for
 the peers, in one run on the same tokens, with the time each took to quantize and its stored bits per weight.
 
-    python bench/e2e_quality.py                  # the whole table (~40 min on 2 cores) -> results/quality-smollm2-<machine>.json
+    python bench/e2e_quality.py                  # the whole table (~40-65 min on 2 cores)
+                                                 # -> results/quality-smollm2-<machine>.json
     python bench/bench_e2e.py --quality          # the same, through the end-to-end suite
     python bench/e2e_quality.py --quick          # smoke run: 1 window of 128 tokens, 3 configs (numbers meaningless)
     python bench/e2e_quality.py --tokens 2048 --config "QuantConfig(4, 128)" --config "calib:QuantConfig(4, 128)"
@@ -81,10 +82,12 @@ def grid() -> List[Tuple[str, str, str]]:
 
 
 class Scorer:
-    """Perplexity and KL(fp32 || model) over fixed windows; the fp32 model's log-probabilities are computed once
-    and kept (16 windows x 511 positions x 49,152 tokens ~ 1.6 GB), so models are scored one at a time."""
+    """Perplexity and KL(reference || model) over fixed windows; the reference model's log-probabilities are
+    computed once and kept (16 windows x 511 positions x 49,152 tokens ~ 1.6 GB), so models are scored one at a
+    time; the reference itself is scored from them (KL 0)."""
 
     def __init__(self, reference, ids: torch.Tensor, window: int):
+        self.reference = reference
         self.windows = [ids[:, s:s + window] for s in range(0, ids.shape[1] - window + 1, window)]
         self.ref = [reference.logprobs(x) for x in self.windows]
         self.tokens = sum(x.shape[1] - 1 for x in self.windows)
@@ -92,9 +95,10 @@ class Scorer:
     def score(self, lm) -> Dict[str, float]:
         nll = kl = 0.0
         for x, ref in zip(self.windows, self.ref):
-            logp = lm.logprobs(x)
+            logp = ref if lm is self.reference else lm.logprobs(x)
             nll += -logp.gather(-1, x[:, 1:].unsqueeze(-1)).sum().item()
-            kl += (ref.exp() * (ref - logp)).sum().item()
+            if lm is not self.reference:
+                kl += (ref.exp() * (ref - logp)).sum().item()
         return {"ppl": math.exp(nll / self.tokens), "kl": kl / self.tokens, "tokens": self.tokens}
 
 
@@ -206,11 +210,10 @@ def run(ctx: H.Context, configs: Optional[Sequence[Tuple[str, str, str]]] = None
         return [], [{"target": "quality", "detail": str(e), "value": None, "need": 0, "unit": "x", "status": "n/a"}]
     n_calib = 2 if ctx.quick else CALIB_SEQUENCES
     calib = [ids[0, CALIB_FROM + WINDOW * i:CALIB_FROM + WINDOW * (i + 1)] for i in range(n_calib)]
-    scorer = Scorer(P.TorchLM(base, module_memory(base)), ids[:, :tokens], window)
+    fp32 = P.TorchLM(base, module_memory(base))
+    scorer = Scorer(fp32, ids[:, :tokens], window)
     rows = [{"variant": "fp32", "format": "fp32", "method": "-", "peer": None, "bits_per_weight": 32.0,
-             "quantize_s": 0.0, "ppl": None, "kl": 0.0, "tokens": scorer.tokens}]
-    rows[0]["ppl"] = math.exp(-sum(r.gather(-1, x[:, 1:].unsqueeze(-1)).sum().item()
-                                   for x, r in zip(scorer.windows, scorer.ref)) / scorer.tokens)
+             "quantize_s": 0.0, **scorer.score(fp32)}]
     rows += list(kernswap_rows(base, scorer, configs or (QUICK if ctx.quick else grid()), calib))
     if peers:
         rows += list(torchao_rows(base, scorer)) + list(llama_cpp_rows(scorer, ctx.threads))

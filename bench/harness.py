@@ -111,6 +111,12 @@ def cpu_flags() -> List[str]:
     return []
 
 
+def vnni_class(isa: Any) -> bool:
+    """Whether a row's kernswap tier ("cpu (amx)", "cpu (avx512_vnni)", ...) is one of the VNNI-class tiers whose
+    targets are the AVX-512 VNNI machine's (amx runs avx512_vnni's engine wherever it has no tile path)."""
+    return any(t in str(isa or "") for t in ("avx512_vnni", "amx"))
+
+
 def git_sha() -> str:
     try:
         sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True,

@@ -1,7 +1,8 @@
 """Perplexity against bits per weight for SmolLM2-135M: one point per kernswap format and method and one per peer,
 from one quality table (``bench/e2e_quality.py``: the same run, the same tokens).
 
-    python bench/plot_quality.py bench/results/quality-smollm2-xeon-2c-2t.json --out bench/results/quality-vs-bits-xeon.png
+    python bench/plot_quality.py bench/results/quality-smollm2-xeon-2c-2t.json \\
+        --out bench/results/quality-vs-bits-xeon.png
 
 Needs matplotlib (not a test dependency). Bits per weight are the stored bits of each model's quantized linear
 layers (codes, scales and zero-points; for llama.cpp the GGUF's layer tensors).

@@ -1,8 +1,9 @@
 """The amx tier of the quantized-linear op (csrc/cpu/qlinear_amx.cpp): the dynamic-activation formats on AMX tiles
 from 32 rows, everything else handed to avx512_vnni. Checked against the same-format reference at the edges of
-its blocking (the 32-row threshold, 32-row blocks with padding rows, odd weight tiles, k steps of 64 and 32, several segments, K
-that no step divides) and against the avx512_vnni tier on the same inputs. Skipped where the CPU (or the OS) does
-not offer AMX; tests/test_quantized_linear.py runs every tier, this one included, on its own shapes."""
+its blocking (the 32-row threshold, 32-row blocks with padding rows, odd weight tiles, k steps of 64 and 32,
+several segments, K that no step divides) and against the avx512_vnni tier on the same inputs. Skipped where the
+CPU (or the OS) does not offer AMX; tests/test_quantized_linear.py runs every tier, this one included, on its own
+shapes."""
 import math
 
 import pytest
@@ -15,9 +16,10 @@ from kernswap.reference import reference_linear
 
 pytestmark = pytest.mark.skipif("amx" not in ISAS, reason="the CPU or OS offers no AMX tier here")
 
-# w4a8-g32-asym: handed to avx512_vnni (groups under 64); (M, N, K): the row threshold (31 stays on vpdpbusd, 32 takes tiles), a partial 32-row block, one weight tile
-# (N <= 16) and an odd count of them, k steps of 32 (K = 96 for int8), K = 100 (no step divides it: the fallback),
-# and K = 2304 (int8: three 1024-segments, the last one short)
+# w4a8-g32-asym: handed to avx512_vnni (groups under 64). (M, N, K): the row threshold (31 stays on vpdpbusd,
+# 32 takes tiles), a partial 32-row block, one weight tile (N <= 16) and an odd count of them, k steps of 32
+# (K = 96 for int8), K = 100 (no step divides it: the fallback), and K = 2304 (int8: three 1024-segments, the last
+# one short)
 SHAPES = [(31, 40, 256), (32, 40, 256), (33, 8, 256), (47, 72, 384), (64, 1000, 128), (39, 24, 96), (40, 8, 100),
           (40, 56, 2304)]
 AMX_FORMATS = ["w8a8", "w4a8-g128", "w4a8-g32-asym", "w4a8-g64-fzero"]

@@ -75,16 +75,8 @@ void flush(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, in
   for (int j = 0; j < nt; ++j) {
     const int64_t n0 = (t0 + j) * 16;
     const __m512 sw = _mm512_loadu_ps(a.scale + g * p.Np + n0);
-    __m512 zf;
-    if (p.bits == 8) {
-      zf = _mm512_setzero_ps();  // signed weights times signed digits: no zero-point term
-    } else if (a.zero) {
-      zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zero + g * p.Np + n0))));
-    } else if (a.zero_f) {
-      zf = _mm512_loadu_ps(a.zero_f + g * p.Np + n0);
-    } else {
-      zf = _mm512_set1_ps(8.f);
-    }
+    // int8: signed weights times signed digits, no zero-point term
+    const __m512 zf = p.bits == 8 ? _mm512_setzero_ps() : int4_zero16(p, a, g, n0);
     for (int i = 0; i < 2; ++i)
       for (int r = 0; r < 16 && m0 + 16 * i + r < p.M; ++r) {
         const int64_t at = (m0 + 16 * i + r) * p.nseg + s;
@@ -154,14 +146,14 @@ void qlinear(const QLinearArgs& a) {
   Acts& acts = scratch;
   prepare_acts(p, a, acts);
   const int64_t rows = (p.M + 31) / 32 * 32;
-  acts.digits.resize(static_cast<size_t>(rows * p.kpad));  // value-initialised: the padding rows are zero digits
+  acts.digits.resize(static_cast<size_t>(rows * p.kpad));  // the padding rows: zero digits
   std::fill(acts.digits.begin() + p.M * p.kpad, acts.digits.end(), int8_t{0});
   const int64_t pairs = (p.ntiles + 1) / 2, mtasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
   const double work = static_cast<double>(p.M) * p.Np * p.kpad;
   const int threads = static_cast<int>(std::max<double>(1, std::min<double>(a.num_threads, work / (1 << 20))));
   parallel_for(pairs * mtasks, threads, [&](int64_t b, int64_t e) {
     load_config(kstep);
-    std::vector<uint8_t> buf0, buf1;
+    static thread_local std::vector<uint8_t> buf0, buf1;  // int4 panels: the pool's threads keep them across calls
     for (int64_t id = b; id < e; ++id) {
       const int64_t pair = id / mtasks, mt = id % mtasks;
       const int64_t t0 = 2 * pair;

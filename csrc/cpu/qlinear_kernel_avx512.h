@@ -64,6 +64,15 @@ inline void store16(const QLinearArgs& a, int64_t m, int64_t n0, __m512 v) {
   }
 }
 
+// The 16 zero-points of int4 weight group g, columns n0..n0+15, as the flush subtracts them (zero * sum(a)): the
+// integer or float zero-points, else the implicit 8. (int8 weights pass their own constant.)
+inline __m512 int4_zero16(const Plan& p, const QLinearArgs& a, int64_t g, int64_t n0) {
+  if (a.zero)
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zero + g * p.Np + n0))));
+  if (a.zero_f) return _mm512_loadu_ps(a.zero_f + g * p.Np + n0);
+  return _mm512_set1_ps(8.f);
+}
+
 template <int BITS, int NDIG, int MR, int NT>
 void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t m0, int64_t t0) {
   [[maybe_unused]] const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -157,16 +166,8 @@ void micro_kernel(const Plan& p, const QLinearArgs& a, const Acts& acts, int64_t
     for (int t = 0; t < NT; ++t) {
       const int64_t n0 = (t0 + t) * 16;
       const __m512 sw = _mm512_loadu_ps(a.scale + g * p.Np + n0);
-      __m512 zf;
-      if (BITS == 8) {
-        zf = _mm512_set1_ps(KS_QL_VNNI ? 128.f : 0.f);  // q ^ 0x80 == q + 128; the sign trick keeps q signed
-      } else if (a.zero) {
-        zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zero + g * p.Np + n0))));
-      } else if (a.zero_f) {
-        zf = _mm512_loadu_ps(a.zero_f + g * p.Np + n0);
-      } else {
-        zf = _mm512_set1_ps(8.f);
-      }
+      // int8: q ^ 0x80 == q + 128 (vpdpbusd); the sign trick keeps q signed
+      const __m512 zf = BITS == 8 ? _mm512_set1_ps(KS_QL_VNNI ? 128.f : 0.f) : int4_zero16(p, a, g, n0);
       KS_UNROLL
       for (int m = 0; m < MR; ++m) {
         __m512 tv = _mm512_cvtepi32_ps(acc[NDIG - 1][m][t]);

@@ -69,7 +69,8 @@ def _call(entry: str, default):
 
 
 def cpu_isa() -> Optional[str]:
-    """Active CPU tier ('amx' | 'avx512_vnni' | 'avx512' | 'avx_vnni' | 'avx2' | 'scalar'), None without the module."""
+    """Active CPU tier ('amx' | 'avx512_vnni' | 'avx512' | 'avx_vnni' | 'avx2' | 'scalar'), None without the
+    module."""
     isa = _call("cpu_isa", None)
     return None if isa is None else str(isa)
 

@@ -22,8 +22,8 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # panels beat only from ~512 rows (Xeon forced to the tier: 4096 x 4096 M = 512 panels 0.85-0.93x F.linear vs
 # 0.77-0.85x for the FMA kernel; at M <= 256 the FMA kernel is ahead). amx runs weight-only calls on avx512_vnni's
 # engine.
-DENSE_FROM_ROWS = {"amx": {8: None, 4: None}, "avx512_vnni": {8: None, 4: None}, "avx512": {8: 512, 4: 512}, "avx_vnni": {8: 192, 4: 192},
-                   "avx2": {8: 192, 4: 192}, "scalar": {8: 2, 4: 2}}
+DENSE_FROM_ROWS = {"amx": {8: None, 4: None}, "avx512_vnni": {8: None, 4: None}, "avx512": {8: 512, 4: 512},
+                   "avx_vnni": {8: 192, 4: 192}, "avx2": {8: 192, 4: 192}, "scalar": {8: 2, 4: 2}}
 # fp32 bytes of one dequantized panel (kept in the last-level cache while the GEMM reads it)
 _PANEL_BYTES = 4 << 20
 _scratch = threading.local()
