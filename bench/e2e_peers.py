@@ -24,6 +24,16 @@ import torch
 import torch.nn.functional as F
 
 
+def greedy_config(model, n: int):
+    """``model``'s generation config for exactly n greedy new tokens, the way llama.cpp's rows decode: no end
+    token, so nothing stops early and transformers adds no min-new-tokens processors (they scan the whole
+    vocabulary twice per token: ~0.7 ms of an ~8-10 ms SmolLM2 token on the Xeon). Built before any timing."""
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(eos_token_id=None, max_new_tokens=n, min_new_tokens=None, do_sample=False, pad_token_id=0,
+              use_cache=True)
+    return gc
+
+
 class TorchLM:
     """A transformers causal LM (patched or not)."""
 
@@ -32,6 +42,7 @@ class TorchLM:
     def __init__(self, model, param_bytes: int):
         self.model = model.eval()
         self.param_bytes = param_bytes
+        self._greedy = {}  # new tokens -> generation config (greedy_config)
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
         emb_w = getattr(emb, "weight", None)
@@ -49,8 +60,10 @@ class TorchLM:
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
-        out = self.model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                                  pad_token_id=0)
+        gc = self._greedy.get(n)
+        if gc is None:  # (made on the untimed first call)
+            gc = self._greedy[n] = greedy_config(self.model, n)
+        out = self.model.generate(prompt, generation_config=gc)
         return out[:, prompt.shape[1]:]
 
 

@@ -24,6 +24,7 @@ try:
 except ImportError:
     sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
 import harness as H  # noqa: E402
+from e2e_peers import greedy_config  # noqa: E402
 
 
 def _timed(acc, key, fn, decode_only=False):
@@ -75,10 +76,11 @@ def profile(quant: str, new_tokens: int, rounds: int):
         for layer in model.model.layers:  # plans made before the timers: rebuilt on the next call
             layer.__dict__["forward"]._plan = None
 
+        config = greedy_config(model, new_tokens)
+
         def gen():
             with torch.no_grad():
-                return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                      do_sample=False, pad_token_id=0)
+                return model.generate(prompt, generation_config=config)
         gen()
         rows = []
         for _ in range(rounds):

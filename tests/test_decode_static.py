@@ -34,19 +34,18 @@ def count(monkeypatch):
         n["reference"] += 1
         return real_ref(*a)
 
-    real_step = decode_static.static_step
+    real_steps = decode_static.static_steps
 
-    def step(*a):
+    def steps(fwds, *a):
         before = n["reference"]
-        out = real_step(*a)
-        n["kernel"] += n["reference"] == before
+        out = real_steps(fwds, *a)
+        n["kernel"] += len(fwds) - (n["reference"] - before)
         return out
 
     monkeypatch.setattr(decode_static, "_reference", ref)
-    monkeypatch.setattr(decode_static, "static_step", step)
     import kernswap.nn.decode_layer as dl
 
-    monkeypatch.setattr(dl, "static_step", step)
+    monkeypatch.setattr(dl.DecodeForward, "static_steps", staticmethod(steps))
     return n
 
 
@@ -136,6 +135,10 @@ def test_compiled_fullgraph_same_tokens(count):
     assert count == {"kernel": model.config.num_hidden_layers * (NEW - 1), "reference": 0}
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+    # another length: a cache of another capacity, which torch.compile retraces with a dynamic capacity
+    with torch.no_grad():
+        more = model.generate(IDS, max_new_tokens=NEW + 5, min_new_tokens=NEW + 5, do_sample=False, pad_token_id=0)
+    assert torch.equal(more[:, :tokens.shape[1]], tokens)
     torch._dynamo.reset()
 
 
@@ -167,6 +170,34 @@ def test_op_kernel_matches_reference_and_writes_one_position():
     for new, ref in zip(a["keys"] + a["values"], b["keys"] + b["values"]):
         torch.testing.assert_close(new[:, :, 4], ref[:, :, 4], rtol=0, atol=_tol(ref[:, :, 4]))
         assert torch.equal(new[:, :, :4], ref[:, :, :4]) and torch.equal(new[:, :, 5:], ref[:, :, 5:])
+
+
+def test_op_mixes_kernel_and_reference_layers(count):
+    """A layer the kernel does not take (its path off) runs its modules between kernel layers of the same step,
+    reading and writing the same hidden states: the all-reference result."""
+    model = _patched("llama")
+    a = _op_args(model)
+    b = {k: ([t.clone() for t in v] if isinstance(v, list) and isinstance(v[0], torch.Tensor) else v)
+         for k, v in a.items()}
+    model.model.layers[0].__dict__["forward"].enabled = False
+    out = kernswap.ops.decode_layer_step(**a)
+    assert count == {"kernel": 1, "reference": 1}
+    x = b["x"]
+    for layer, k, v, p in zip(model.model.layers, b["keys"], b["values"], b["positions"]):
+        with torch.no_grad():
+            x = decode_static._reference(layer, x, b["cos"], b["sin"], k, v, int(p), None)
+    torch.testing.assert_close(out, x, rtol=0, atol=_tol(x))
+
+
+def test_op_position_past_capacity_writes_nothing():
+    """Every position is checked before any layer runs: a full cache in the last layer leaves all untouched."""
+    model = _patched("llama")
+    a = _op_args(model)
+    a["positions"][-1] = torch.tensor(9)
+    keys = [k.clone() for k in a["keys"]]
+    assert_raises(lambda: kernswap.ops.decode_layer_step(**a), ValueError, "got 9 (positions[1])")
+    assert [int(p) for p in a["positions"]] == [4, 9]
+    assert all(torch.equal(k, k0) for k, k0 in zip(a["keys"], keys))
 
 
 def test_opcheck():

@@ -19,7 +19,7 @@ from ..backends.cpu import extent, weight_args
 from ..ops.decode_layer_step import register_layer
 from ._parts import is_silu
 from ._state import tensor_key
-from .decode_static import static_step
+from .decode_static import static_steps
 from .fused_linear import QuantLinearSlice
 from .kv_append import KVAppender
 from .quant_linear import QuantLinear
@@ -94,7 +94,18 @@ def _weight(mod: QuantLinear) -> tuple:
     return (*ptrs, qw.in_features, qw.dynamic_activations), keep
 
 
-def _structure(layer: nn.Module) -> tuple:
+def _attn_impl(config, impls: Optional[dict]):
+    """config._attn_implementation (a config attribute read costs ~5 us through transformers' __getattribute__),
+    read once per config object into ``impls`` when the caller checks several layers in one go."""
+    if impls is None:
+        return getattr(config, "_attn_implementation", None)
+    key = id(config)  # (the configs stay alive while the caller holds the layers)
+    if key not in impls:
+        impls[key] = getattr(config, "_attn_implementation", None)
+    return impls[key]
+
+
+def _structure(layer: nn.Module, impls: Optional[dict] = None) -> tuple:
     """The child modules the decode step reads, straight from the ``_modules`` dicts (a few dict lookups, no
     nn.Module.__getattr__): a plan made for one tuple holds while the layer still has these very modules."""
     lm = layer._modules
@@ -102,7 +113,7 @@ def _structure(layer: nn.Module) -> tuple:
     am = attn._modules if isinstance(attn, nn.Module) else {}
     mm = mlp._modules if isinstance(mlp, nn.Module) else {}
     ad = attn.__dict__ if isinstance(attn, nn.Module) else {}
-    impl = getattr(ad.get("config"), "_attn_implementation", None)  # (and the attention these modules run)
+    impl = _attn_impl(ad.get("config"), impls)  # (and the attention these modules run)
     return (impl, ad.get(MODULE_ATTR), attn, mlp, lm.get("input_layernorm"), lm.get("post_attention_layernorm"),
             *(am.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")),
             *(mm.get(n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn", "gate_up_proj")))
@@ -174,9 +185,8 @@ class DecodeForward:
         self.__dict__.update(state)
         self.uid = register_layer(self)
 
-    def static_step(self, x, cos, sin, keys, values, position, attention_mask) -> torch.Tensor:
-        """A decode step over a static cache layer's buffers (kernswap.ops.decode_layer_step, nn/decode_static.py)."""
-        return static_step(self, x, cos, sin, keys, values, position, attention_mask)
+    # consecutive layers' decode steps over static cache layers (kernswap.ops.decode_layer_step, nn/decode_static.py)
+    static_steps = staticmethod(static_steps)
 
     def original(self, *args, **kwargs):
         return type(self.layer).forward(self.layer, *args, **kwargs)
@@ -188,15 +198,15 @@ class DecodeForward:
         return self._step(hidden_states, kwargs, plan)
 
     # ------------------------------------------------------------------ checks
-    def _layer_plan(self) -> Optional[_Plan]:
-        structure = _structure(self.layer)
+    def _layer_plan(self, impls: Optional[dict] = None) -> Optional[_Plan]:
+        structure = _structure(self.layer, impls)
         plan = self._plan
         if plan is None or not plan.current(structure):
             parts = decode_parts(self.layer)
             plan = self._plan = None if parts is None else _Plan(self.layer, structure, parts)
         return plan if plan is not None and plan.valid else None
 
-    def _prepared(self, x: torch.Tensor, kwargs) -> Optional[_Plan]:
+    def _prepared(self, x: torch.Tensor, kwargs, impls: Optional[dict] = None) -> Optional[_Plan]:
         """The layer's plan when this call is a decode step the kernel runs, else None."""
         if (torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
                 or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3 or x.shape[1] != 1
@@ -207,7 +217,7 @@ class DecodeForward:
         pe = kwargs.get("position_embeddings")
         if type(cache).__name__ != "DynamicCache" or type(pe) not in (tuple, list) or len(pe) != 2:
             return None
-        plan = self._layer_plan()
+        plan = self._layer_plan(impls)
         if plan is None or x.shape[-1] != plan.h:
             return None
         layers = getattr(cache, "layers", None)
@@ -221,9 +231,10 @@ class DecodeForward:
             return None
         return plan
 
-    def layer_plan(self) -> Optional[_Plan]:
-        """This layer's current plan (None: its parts do not fit the kernel, or the path is off)."""
-        return self._layer_plan() if self.enabled else None
+    def layer_plan(self, impls: Optional[dict] = None) -> Optional[_Plan]:
+        """This layer's current plan (None: its parts do not fit the kernel, or the path is off); ``impls``: a dict
+        shared by the layers a caller checks in one go (see _attn_impl)."""
+        return self._layer_plan(impls) if self.enabled else None
 
     def after_checks(self, x: torch.Tensor, kwargs, d: int, plan: Optional[_Plan]):
         """This layer's forward for the base model's decode loop, which checked the call (grad, compile, the cache,

@@ -185,12 +185,13 @@ class DecodeModelForward:
         kw = dict(attention_mask=None, position_embeddings=pe, position_ids=pos, cache=cache, use_cache=True)
         fwds = [layer.__dict__["forward"] for layer in model.layers[: model.config.num_hidden_layers]]
         first = fwds[0]
-        plan = first._prepared(h, kw)  # the call-level checks, once: the other layers check only their own parts
+        impls = {}  # (the layers' attention implementation, read once per config object)
+        plan = first._prepared(h, kw, impls)  # the call-level checks, once: the other layers check their own parts
         if plan is None:
             for fwd in fwds:
                 h = fwd(h, **kw)
         else:
-            plans = [plan] + [fwd.layer_plan() for fwd in fwds[1:]]  # all checks before any kernel evicts them
+            plans = [plan] + [fwd.layer_plan(impls) for fwd in fwds[1:]]  # all checks before any kernel evicts them
             out = _one_call_per_layer(fwds, plans, h, kw, cache)
             if out is not None:
                 h = out

@@ -3,7 +3,7 @@
 A transformers ``StaticLayer`` holds its keys and values in fixed [B, Hkv, capacity, D] buffers and counts the
 cached positions in a 0-dim tensor; the model's decode step writes position n and attends every position the
 mask allows (plain causal: 0..n). The decode-layer kernel does exactly that over the same buffers (kbuf = the
-layer's keys, pos = n), so :func:`static_step` runs it whenever the mask is plain causal at n and the layer's plan
+layer's keys, pos = n), so :func:`static_steps` runs it whenever the mask is plain causal at n and the layer's plan
 fits; otherwise (padding, a custom mask, a layer the kernel does not fit) it computes the step with the layer's
 own modules in torch, as the model's attention would: SDPA over the whole buffer under the mask.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import _ext
 from ..backends.cpu import extent
 
-__all__ = ["static_step", "mask_is_causal_at"]
+__all__ = ["static_steps", "mask_is_causal_at"]
 
 FN = "torch.ops.kernswap.decode_layer_step"
 
@@ -81,23 +81,36 @@ def _reference(layer, x, cos, sin, keys, values, n: int, mask) -> torch.Tensor:
     return (h + mlp(layer.post_attention_layernorm(h))).view(b, -1)
 
 
-def static_step(fwd, x, cos, sin, keys, values, position, mask) -> torch.Tensor:
-    """``fwd`` (a layer's DecodeForward): one step at n = position over the static buffers, position += 1."""
-    n, cap = int(position), keys.shape[2]
-    if not 0 <= n < cap:
-        raise ValueError(f"{FN}: position must be in [0, capacity={cap}) (the cache is full past it), got {n}")
-    plan = fwd.layer_plan() if _ext.have_cpu_ext() else None
+def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tensor:
+    """Consecutive layers' decode steps (``fwds``: their DecodeForwards) at n = positions[i] over their static
+    buffers, each position += 1; returns the last layer's output. Every position is checked before anything is
+    written, and every layer's plan is taken before the first kernel runs (the checks' objects still in cache);
+    the kernel layers write into two alternating preallocated outputs, so nothing but the calls runs between them."""
+    ns = [int(p) for p in positions]
+    for i, (n, k) in enumerate(zip(ns, keys)):
+        if not 0 <= n < k.shape[2]:
+            raise ValueError(f"{FN}: position must be in [0, capacity={k.shape[2]}) (the cache is full past it), "
+                             f"got {n} (positions[{i}])")
     b, h = x.shape
-    if (plan is not None and plan.h == h and plan.d == cos.shape[1] and plan.hkv == keys.shape[1]
-            and x.device.type == "cpu" and keys.stride(-1) == 1 and values.stride(-1) == 1
-            and not (torch.is_grad_enabled() and x.requires_grad) and mask_is_causal_at(mask, n, cap)):
-        x2, c, s = x.contiguous(), cos.contiguous(), sin.contiguous()
-        out = torch.empty(b, h)
-        plan.native.step(x2.data_ptr(), x2.numel(), b, c.data_ptr(), c.numel(), s.data_ptr(), s.numel(),
-                         keys.data_ptr(), extent(keys), *keys.stride()[:3], values.data_ptr(), extent(values),
-                         *values.stride()[:3], n, cap, out.data_ptr(), out.numel(), torch.get_num_threads())
-    else:
-        with torch.no_grad():
-            out = _reference(fwd.layer, x, cos, sin, keys, values, n, mask)
-    position.add_(1)
-    return out
+    d = cos.shape[1]
+    kernel = (_ext.have_cpu_ext() and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
+    impls = {}  # the layers' attention implementation, read once per config object
+    plans = [fwd.layer_plan(impls) if kernel else None for fwd in fwds]
+    c, s = cos.contiguous(), sin.contiguous()
+    cp, cn, sp, sn = c.data_ptr(), c.numel(), s.data_ptr(), s.numel()
+    bufs = (torch.empty(b, h), torch.empty(b, h)) if any(p is not None for p in plans) else ()
+    nt = torch.get_num_threads()
+    x = x.contiguous()
+    for i, (fwd, plan, k, v, n) in enumerate(zip(fwds, plans, keys, values, ns)):
+        cap = k.shape[2]
+        if (plan is not None and plan.h == h and plan.d == d and plan.hkv == k.shape[1] and k.stride(-1) == 1
+                and v.stride(-1) == 1 and mask_is_causal_at(mask, n, cap)):
+            out = bufs[i % 2]
+            plan.native.step(x.data_ptr(), x.numel(), b, cp, cn, sp, sn, k.data_ptr(), extent(k), *k.stride()[:3],
+                             v.data_ptr(), extent(v), *v.stride()[:3], n, cap, out.data_ptr(), out.numel(), nt)
+        else:
+            with torch.no_grad():
+                out = _reference(fwd.layer, x, cos, sin, k, v, n, mask).contiguous()
+        x = out
+    torch._foreach_add_(positions, 1)
+    return x

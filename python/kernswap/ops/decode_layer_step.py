@@ -4,8 +4,8 @@ over a static KV cache, in place (each layer's key and value written at its posi
     kernswap.ops.decode_layer_step(x, cos, sin, keys, values, positions, attention_mask, layer_ids)
       -> torch.ops.kernswap.decode_layer_step(...)   declared once here (schema + fake kernel): what a compiled
                                                      model with a static cache calls, one node for all its layers
-           each layer's decode forward (kernswap.nn.decode_static.static_step): the compiled decode-layer kernel
-           when the mask is plain causal at the position, else the layer's modules in torch (the reference)
+           the layers' decode steps (kernswap.nn.decode_static.static_steps): per layer, the compiled decode-layer
+           kernel when the mask is plain causal at the position, else the layer's modules in torch (the reference)
 
 A layer id names a patched layer (``DecodeForward.uid``, given out by :func:`register_layer`): weights, norms
 and head counts come from the layer itself, prepared once and re-checked per call, so a traced graph holds no
@@ -30,7 +30,8 @@ _IDS = itertools.count(1)
 
 
 def register_layer(layer_forward) -> int:
-    """A new id for ``layer_forward`` (an object with ``static_step``), held weakly: the id dies with it."""
+    """A new id for ``layer_forward`` (an object whose ``static_steps(layers, ...)`` runs consecutive layers'
+    steps), held weakly: the id dies with it."""
     uid = next(_IDS)
     _LAYERS[uid] = weakref.ref(layer_forward, lambda _, u=uid: _LAYERS.pop(u, None))
     return uid
@@ -63,7 +64,9 @@ def check_args(fn, x, cos, sin, keys, values, positions, attention_mask, layer_i
     require(n >= 1 and len(keys) == n and len(values) == n and len(positions) == n, ValueError,
             lambda: f"{fn}: keys, values, positions and layer_ids must have one entry per layer (>= 1), got "
                     f"{len(keys)}, {len(values)}, {len(positions)} and {n}")
-    for i, (k, v, p, uid) in enumerate(zip(keys, values, positions, layer_ids)):
+    # all layers' entries like the first (the usual model call): only the first goes through the checks
+    rest = _like_first(keys, values, positions, layer_ids)
+    for i, (k, v, p, uid) in enumerate(zip(keys[:1] if rest else keys, values, positions, layer_ids)):
         check_tensor(fn, f"keys[{i}]", k, dtypes=_F32, dim=4, device=dev)
         check_tensor(fn, f"values[{i}]", v, dtypes=_F32, dim=4, device=dev)
         require(k.shape[0] == b and k.shape[3] == d and k.shape[2] >= 1 and v.shape == k.shape, ValueError,
@@ -74,10 +77,26 @@ def check_args(fn, x, cos, sin, keys, values, positions, attention_mask, layer_i
     if attention_mask is not None:
         check_tensor(fn, "attention_mask", attention_mask, dtypes=_MASK_DTYPES + (torch.int64,), device=dev)
         m = attention_mask
-        caps = {k.shape[2] for k in keys}
-        require(all(mask_fits(m, b, c) for c in caps), ValueError,
+        # (every layer's capacity, not a set of them: while torch.compile traces with a dynamic capacity, the
+        # sizes are SymInts, which do not hash)
+        require(all(mask_fits(m, b, k.shape[2]) for k in (keys[:1] if rest else keys)), ValueError,
                 lambda: f"{fn}: attention_mask must be None, [batch={b}, length] or [batch={b} or 1, 1, 1, "
-                        f"capacity={sorted(caps)}] (bool or additive fp32), got {list(m.shape)} {m.dtype}")
+                        f"capacity={sorted({int(k.shape[2]) for k in keys})}] (bool or additive fp32), got "
+                        f"{list(m.shape)} {m.dtype}")
+
+
+def _like_first(keys, values, positions, layer_ids) -> bool:
+    """Whether every layer's key, value and position tensors are plain tensors of the first layer's key's (for
+    the values too) and position's type, dtype, shape and device, and every layer id an int >= 1: then the checks
+    of the first layer's entries hold for all. (FakeTensors while torch.compile traces take the full checks.)"""
+    k0, p0 = keys[0] if keys else None, positions[0] if positions else None
+    if type(k0) is not torch.Tensor or type(p0) is not torch.Tensor:
+        return False
+    kd, ks, kdev, pd, ps, pdev = k0.dtype, k0.shape, k0.device, p0.dtype, p0.shape, p0.device
+    return all(type(k) is torch.Tensor and type(v) is torch.Tensor and type(p) is torch.Tensor and type(u) is int
+               and u >= 1 and k.dtype == kd and v.dtype == kd and p.dtype == pd and k.shape == ks and v.shape == ks
+               and p.shape == ps and k.device == kdev and v.device == kdev and p.device == pdev
+               for k, v, p, u in zip(keys, values, positions, layer_ids))
 
 
 def mask_fits(m: torch.Tensor, b: int, cap: int) -> bool:
@@ -90,9 +109,7 @@ def mask_fits(m: torch.Tensor, b: int, cap: int) -> bool:
 
 def _run(fn, x, cos, sin, keys, values, positions, attention_mask, layer_ids) -> torch.Tensor:
     layers = [_layer(fn, uid) for uid in layer_ids]
-    for layer, k, v, p in zip(layers, keys, values, positions):
-        x = layer.static_step(x, cos, sin, k, v, p, attention_mask)
-    return x
+    return layers[0].static_steps(layers, x, cos, sin, keys, values, positions, attention_mask)
 
 
 @torch.library.custom_op("kernswap::decode_layer_step", mutates_args=("keys", "values", "positions"))
