@@ -160,8 +160,10 @@ def test_op_kernel_matches_reference_and_writes_one_position():
     a = _op_args(model)
     b = {k: ([t.clone() for t in v] if isinstance(v, list) and isinstance(v[0], torch.Tensor) else v)
          for k, v in a.items()}
+    versions = [t._version for t in a["keys"] + a["values"]]
     out = kernswap.ops.decode_layer_step(**a)
     assert all(int(p) == 5 for p in a["positions"])
+    assert all(t._version > v for t, v in zip(a["keys"] + a["values"], versions)), "in-place writes bump versions"
     x = b["x"]
     for layer, k, v, p in zip(model.model.layers, b["keys"], b["values"], b["positions"]):
         with torch.no_grad():

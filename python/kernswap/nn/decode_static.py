@@ -113,4 +113,5 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
                 out = _reference(fwd.layer, x, cos, sin, k, v, n, mask).contiguous()
         x = out
     torch._foreach_add_(positions, 1)
+    torch.autograd.graph.increment_version(keys + values)  # (written in place through their pointers)
     return x
