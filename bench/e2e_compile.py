@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new", type=int, default=64, help="new tokens per generate")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
     ctx = H.make_context(threads=a.threads, quick=a.quick)
