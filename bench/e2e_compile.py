@@ -6,7 +6,7 @@
                                              # static cache; ~6 min on 2 cores
     python bench/e2e_compile.py --quick      # 8 new tokens, 1 round (numbers meaningless)
 
-Greedy decode (batch 1, 32-token prompt, exactly --new tokens: e2e_peers.greedy_config), every model round robin
+Greedy decode (batch 1, 32-token prompt, exactly --new tokens: e2e_peers.TorchLM), every model round robin
 in one process, after one untimed generate each (the compiled one's compiles happen there: first_generate_s).
 decode_tps is the median over --rounds rounds; the ratios are medians of each round's ratio (the variants of one
 round run seconds apart, so the VM's drift over minutes cancels out of them). Writes
@@ -30,7 +30,7 @@ try:
 except ImportError:
     sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
 import harness as H  # noqa: E402
-from e2e_peers import greedy_config  # noqa: E402
+from e2e_peers import TorchLM  # noqa: E402
 
 PATCH = dict(quant="int4", lm_head=True)
 VARIANTS = ("eager", "eager static cache", "eager static cache per-op", "compiled static cache")
@@ -59,14 +59,10 @@ def run(ctx: H.Context, new_tokens: int, rounds: int):
     torch.set_num_threads(ctx.threads)
     base = load_smollm2()
     prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
-    models = _models(base)
-    name_of = {id(m): name for name, m in models.items()}
+    models = {name: TorchLM(m, 0) for name, m in _models(base).items()}  # (exactly new_tokens greedy tokens)
 
-    configs = {name: greedy_config(m, new_tokens) for name, m in models.items()}
-
-    def gen(m):
-        with torch.no_grad():
-            return m.generate(prompt, generation_config=configs[name_of[id(m)]])
+    def gen(lm):
+        return lm.generate(prompt, new_tokens)
 
     first, outs, tps = {}, {}, {n: [] for n in models}
     for name, m in models.items():

@@ -24,7 +24,7 @@ try:
 except ImportError:
     sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
 import harness as H  # noqa: E402
-from e2e_peers import greedy_config  # noqa: E402
+from e2e_peers import TorchLM  # noqa: E402
 
 
 def _timed(acc, key, fn, decode_only=False):
@@ -76,11 +76,10 @@ def profile(quant: str, new_tokens: int, rounds: int):
         for layer in model.model.layers:  # plans made before the timers: rebuilt on the next call
             layer.__dict__["forward"]._plan = None
 
-        config = greedy_config(model, new_tokens)
+        lm = TorchLM(model, 0)  # (exactly new_tokens greedy tokens)
 
         def gen():
-            with torch.no_grad():
-                return model.generate(prompt, generation_config=config)
+            return lm.generate(prompt, new_tokens)
         gen()
         rows = []
         for _ in range(rounds):

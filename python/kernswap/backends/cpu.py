@@ -49,6 +49,12 @@ def extent(t: Optional[torch.Tensor]) -> int:
     return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
+def cache_buffer_args(t: torch.Tensor) -> tuple:
+    """A KV-cache buffer [B, H, capacity, D] as the decode bindings take it: pointer, extent, and its first three
+    strides (the last is 1)."""
+    return (t.data_ptr(), extent(t), *t.stride()[:3])
+
+
 def dense_from_rows(bits: int, isa: Optional[str] = None) -> Optional[int]:
     """Rows from which a weight-only call on tier ``isa`` (default: the qlinear tier in use) runs dequantized
     panels through torch's fp32 GEMM; None when it never does."""

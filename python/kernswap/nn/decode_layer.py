@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ext
-from ..backends.cpu import extent, weight_args
+from ..backends.cpu import cache_buffer_args, weight_args
 from ..ops.decode_layer_step import register_layer
 from ._parts import is_silu
 from ._state import tensor_key
@@ -261,8 +261,8 @@ class DecodeForward:
         if slot is not None:  # one call: the kernel writes the new key and value into the cache's buffer
             layer, kbuf, vbuf, n = slot
             plan.native.step(x2.data_ptr(), x2.numel(), b, cos.data_ptr(), cos.numel(), sin.data_ptr(), sin.numel(),
-                             kbuf.data_ptr(), kbuf.numel(), *kbuf.stride()[:3], vbuf.data_ptr(), vbuf.numel(),
-                             *vbuf.stride()[:3], n, kbuf.shape[2], out.data_ptr(), out.numel(), nt)
+                             *cache_buffer_args(kbuf), *cache_buffer_args(vbuf), n, kbuf.shape[2], out.data_ptr(),
+                             out.numel(), nt)
             self._kv.commit(layer, kbuf, vbuf, n)
             return out.view(b, 1, h)
         # two calls around the cache's own update (a sliding-window layer, the first step of a new cache layer)
@@ -282,10 +282,9 @@ class DecodeForward:
                 or keys.stride(-1) != 1 or values.stride(-1) != 1):
             raise RuntimeError(f"kernswap decode path: the cache returned keys {tuple(keys.shape)} {keys.dtype} / "
                                f"values {tuple(values.shape)} {values.dtype}, expected [{b}, {hkv}, L, {d}] fp32")
-        C.decode_attn_out(x2.data_ptr(), x2.numel(), qkv.data_ptr(), qkv.numel(), nq, keys.data_ptr(), extent(keys),
-                          *keys.stride()[:3], values.data_ptr(), extent(values), *values.stride()[:3],
-                          keys.shape[2], b, h, hq, hkv, d, plan.scaling, w_o, n2_ptr, n2_numel, n2_eps, w_gu, w_down,
-                          plan.inter, out.data_ptr(), out.numel(), nt)
+        C.decode_attn_out(x2.data_ptr(), x2.numel(), qkv.data_ptr(), qkv.numel(), nq, *cache_buffer_args(keys),
+                          *cache_buffer_args(values), keys.shape[2], b, h, hq, hkv, d, plan.scaling, w_o, n2_ptr,
+                          n2_numel, n2_eps, w_gu, w_down, plan.inter, out.data_ptr(), out.numel(), nt)
         return out.view(b, 1, h)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..backends.cpu import extent
+from ..backends.cpu import cache_buffer_args
 
 __all__ = ["static_steps", "mask_is_causal_at"]
 
@@ -106,8 +106,8 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
         if (plan is not None and plan.h == h and plan.d == d and plan.hkv == k.shape[1] and k.stride(-1) == 1
                 and v.stride(-1) == 1 and mask_is_causal_at(mask, n, cap)):
             out = bufs[i % 2]
-            plan.native.step(x.data_ptr(), x.numel(), b, cp, cn, sp, sn, k.data_ptr(), extent(k), *k.stride()[:3],
-                             v.data_ptr(), extent(v), *v.stride()[:3], n, cap, out.data_ptr(), out.numel(), nt)
+            plan.native.step(x.data_ptr(), x.numel(), b, cp, cn, sp, sn, *cache_buffer_args(k),
+                             *cache_buffer_args(v), n, cap, out.data_ptr(), out.numel(), nt)
         else:
             with torch.no_grad():
                 out = _reference(fwd.layer, x, cos, sin, k, v, n, mask).contiguous()
