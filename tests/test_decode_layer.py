@@ -201,6 +201,30 @@ def test_weights_changed_in_place_are_read(steps):
     torch.testing.assert_close(after, ref, rtol=0, atol=_logit_tol(ref))
 
 
+@pytest.mark.parametrize("how", ["buffer", "parameter", "data"])
+def test_replaced_weights_are_read(steps, how):
+    """The prepared pointers follow the modules: a quantized buffer or a norm weight replaced by another object, or
+    its ``.data`` moved, after the plan was made is read on the next step (the plan is rebuilt), never the old
+    memory."""
+    model = _patched("llama")
+    before = _generate(model)[1]
+    layer = model.model.layers[0]
+    qkv, norm = layer.self_attn._modules["qkv_proj"], layer.post_attention_layernorm
+    if how == "buffer":
+        qkv.packed = qkv.packed.clone().neg_()
+    elif how == "parameter":
+        norm.weight = torch.nn.Parameter(norm.weight.detach() * 3.0)
+    else:
+        norm.weight.data = norm.weight.data * 3.0
+    steps["steps"] = 0
+    after = _generate(model)[1]
+    assert steps["steps"] == (NEW - 1) * model.config.num_hidden_layers, "the rebuilt plan still takes the kernel"
+    set_decode_path(model, False)
+    ref = _generate(model)[1]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, rtol=0, atol=_logit_tol(ref))
+
+
 def test_unpatch_leaves_no_forward():
     model = tiny_model("qwen2")
     ref = _generate(model)

@@ -108,6 +108,22 @@ def test_padding_mask_takes_the_layers_modules(count):
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
 
 
+def test_replaced_weights_are_read(count):
+    """A quantized buffer replaced by another object between two generates: the static steps read the new one
+    (the layer's plan is rebuilt), through the kernel."""
+    model = _patched("llama")
+    before = _generate(model)[1]
+    qkv = model.model.layers[1].self_attn._modules["qkv_proj"]
+    qkv.packed = qkv.packed.clone().neg_()
+    count["kernel"] = 0
+    after = _generate(model)[1]
+    assert count == {"kernel": model.config.num_hidden_layers * (NEW - 1), "reference": 0}
+    set_decode_path(model, False)
+    ref = _generate(model)[1]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, rtol=0, atol=_tol(ref))
+
+
 def test_mask_is_causal_at():
     f = decode_static.mask_is_causal_at
     causal = torch.arange(8).view(1, 1, 1, 8) <= 3

@@ -9,6 +9,7 @@ kv_append.py), then attention over the cache -> o_proj -> residual -> norm -> fu
 residual in a second. Every call that is not such a step (prefill, a mask, bf16, autograd, torch.compile, another
 cache or attention kernel, layers not quantized the way the kernel reads them) runs the layer's own forward unchanged.
 """
+import operator
 from typing import Optional
 
 import torch
@@ -105,38 +106,47 @@ def _attn_impl(config, impls: Optional[dict]):
     return impls[key]
 
 
-def _structure(layer: nn.Module, impls: Optional[dict] = None) -> tuple:
-    """The child modules the decode step reads, straight from the ``_modules`` dicts (a few dict lookups, no
-    nn.Module.__getattr__): a plan made for one tuple holds while the layer still has these very modules."""
-    lm = layer._modules
-    attn, mlp = lm.get("self_attn"), lm.get("mlp")
-    am = attn._modules if isinstance(attn, nn.Module) else {}
-    mm = mlp._modules if isinstance(mlp, nn.Module) else {}
-    ad = attn.__dict__ if isinstance(attn, nn.Module) else {}
-    impl = _attn_impl(ad.get("config"), impls)  # (and the attention these modules run)
-    return (impl, ad.get(MODULE_ATTR), attn, mlp, lm.get("input_layernorm"), lm.get("post_attention_layernorm"),
-            *(am.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")),
-            *(mm.get(n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn", "gate_up_proj")))
+# where a layer keeps what its plan reads: (the owner's dict, key) for the parts below, the fused modules' configs,
+# buffers and biases, and the norms' weights (_sources)
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn", "gate_up_proj")
 
 
-def _versions(tensors) -> list:
+def _sources(layer: nn.Module, attn: nn.Module, mlp: nn.Module, mods: tuple, norm_mods: tuple) -> list:
+    """(dict, key) of every object a plan is made from, straight from the modules' own dicts (no
+    nn.Module.__getattr__): the plan holds while each entry still holds the same object. Covers a replaced part
+    (a child module), attention config or sparse-attention setting, quantization config, buffer
+    (``mod.packed = t``) or norm weight (``norm.weight = nn.Parameter(t)``); data moved (``.data = t``) or written
+    in place shows in the objects' pointers and versions (_versions)."""
+    return ([(layer._modules, n) for n in _LAYER_PARTS] + [(attn._modules, n) for n in _ATTN_PARTS]
+            + [(attn.__dict__, "config"), (attn.__dict__, MODULE_ATTR)] + [(mlp._modules, n) for n in _MLP_PARTS]
+            + [(m.__dict__, "config") for m in mods]
+            + [(m._buffers, n) for m in mods for n in ("packed", "scale", "zero")]
+            + [(m._parameters, "bias") for m in mods] + [(n._parameters, "weight") for n in norm_mods])
+
+
+_DATA_PTR, _VERSION, _IS = torch.Tensor.data_ptr, operator.attrgetter("_version"), operator.is_  # (mapped over
+# a layer's entries: C loops, well under 0.1 us an entry)
+
+
+def _versions(tensors) -> tuple:
     """Where the tensors' data is now and how often it was written in place: the plan's pointers stay valid
     while this does not change (the plan holds the tensors, so their memory is never reused by another)."""
     try:
-        return [(t.data_ptr(), t._version) for t in tensors]
+        return list(map(_DATA_PTR, tensors)), list(map(_VERSION, tensors))
     except RuntimeError:  # inference tensors keep no version counter
-        return [tensor_key(t) for t in tensors]
+        return [tensor_key(t) for t in tensors], None
 
 
 class _Plan:
     """What one layer's decode step passes to the kernels, prepared once per structure and weight state."""
 
-    def __init__(self, layer: nn.Module, structure: tuple, parts: tuple):
+    def __init__(self, layer: nn.Module, parts: tuple):
         qkv, o, gate_up, down, attn, mlp = parts
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        cfg = attn.config
-        self.structure = structure
+        cfg = self.cfg = attn.config
         self.mods = (qkv, o, gate_up, down)
         self.idx = getattr(attn, "layer_idx", None)
         self.impl = getattr(cfg, "_attn_implementation", None)
@@ -145,13 +155,18 @@ class _Plan:
         self.configs = tuple(m.config for m in self.mods)
         ws = [_weight(m) for m in self.mods]
         self.weights = [w for w, _ in ws]
-        norms = [n1.weight.detach(), n2.weight.detach()] + ([qn.weight.detach(), kn.weight.detach()] if qn is not None else [])
-        # the tensors the pointers point into (held, so their memory stays theirs) and what a change of them shows
+        norm_mods = (n1, n2) + ((qn, kn) if qn is not None else ())
+        norms = [n.weight.detach() for n in norm_mods]
+        # the tensors the pointers point into (held, so their memory stays theirs)
         self.tensors = [t for _, keep in ws for t in keep if t is not None] + norms
+        sources = _sources(layer, attn, mlp, self.mods, norm_mods)
+        self.dicts, self.keys = tuple(d for d, _ in sources), tuple(k for _, k in sources)
+        self.objects = list(map(dict.get, self.dicts, self.keys))
+        self.weight_objects = [t for t in self.objects if isinstance(t, torch.Tensor)]
+        self.state = _versions(self.weight_objects)
         self.norms = [(w.data_ptr(), w.numel(), n.variance_epsilon) for w, n in zip(norms[:2], (n1, n2))]
         self.qk = (norms[2].data_ptr(), self.d, norms[3].data_ptr(), self.d, kn.variance_epsilon) if qn is not None \
             else (0, 0, 0, 0, 0.0)
-        self.state = _versions(self.tensors)
         self.valid = (self.idx is not None and attends_densely(attn, self.impl)
                       and all(c.backend.value in ("auto", "cpu") for c in self.configs)
                       and all(m.packed.device.type == "cpu" for m in self.mods)
@@ -161,10 +176,12 @@ class _Plan:
             self.h, self.hq, self.hkv, self.d, self.inter, *self.norms[0], *self.norms[1], *self.qk, self.scaling,
             *self.weights) if self.valid else None
 
-    def current(self, structure: tuple) -> bool:
-        """Still the plan of this layer: the same modules, configs and weight memory, nothing written in place."""
-        return (structure == self.structure and all(m.config is c for m, c in zip(self.mods, self.configs))
-                and _versions(self.tensors) == self.state)
+    def current(self, impls: Optional[dict] = None) -> bool:
+        """Still the plan of this layer: the same objects where it read them (_sources), the same attention
+        implementation, the weights' memory where it was and nothing written in place (~4 us for a SmolLM2
+        layer: C loops over the ~40 entries)."""
+        return (all(map(_IS, map(dict.get, self.dicts, self.keys), self.objects))
+                and _attn_impl(self.cfg, impls) == self.impl and _versions(self.weight_objects) == self.state)
 
 
 class DecodeForward:
@@ -199,11 +216,10 @@ class DecodeForward:
 
     # ------------------------------------------------------------------ checks
     def _layer_plan(self, impls: Optional[dict] = None) -> Optional[_Plan]:
-        structure = _structure(self.layer, impls)
         plan = self._plan
-        if plan is None or not plan.current(structure):
+        if plan is None or not plan.current(impls):
             parts = decode_parts(self.layer)
-            plan = self._plan = None if parts is None else _Plan(self.layer, structure, parts)
+            plan = self._plan = None if parts is None else _Plan(self.layer, parts)
         return plan if plan is not None and plan.valid else None
 
     def _prepared(self, x: torch.Tensor, kwargs, impls: Optional[dict] = None) -> Optional[_Plan]:
