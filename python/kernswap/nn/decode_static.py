@@ -83,9 +83,11 @@ def _reference(layer, x, cos, sin, keys, values, n: int, mask) -> torch.Tensor:
 
 def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tensor:
     """Consecutive layers' decode steps (``fwds``: their DecodeForwards) at n = positions[i] over their static
-    buffers, each position += 1; returns the last layer's output. Every position is checked before anything is
-    written, and every layer's plan is taken before the first kernel runs (the checks' objects still in cache);
-    the kernel layers write into two alternating preallocated outputs, so nothing but the calls runs between them."""
+    buffers, each position += 1; returns the last layer's output. Every position is checked and every layer's
+    plan and call arguments are prepared before the first kernel runs (layer i writes its preallocated output,
+    which layer i + 1 reads), so back-to-back kernel layers run with nothing but the calls between them
+    (~0.3 ms a SmolLM2 token faster than preparing each call between kernels); a layer the kernel does not take
+    computes its step with its modules in torch, in order, into its output."""
     ns = [int(p) for p in positions]
     for i, (n, k) in enumerate(zip(ns, keys)):
         if not 0 <= n < k.shape[2]:
@@ -97,21 +99,28 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
     impls = {}  # the layers' attention implementation, read once per config object
     plans = [fwd.layer_plan(impls) if kernel else None for fwd in fwds]
     c, s = cos.contiguous(), sin.contiguous()
-    cp, cn, sp, sn = c.data_ptr(), c.numel(), s.data_ptr(), s.numel()
-    bufs = (torch.empty(b, h), torch.empty(b, h)) if any(p is not None for p in plans) else ()
-    nt = torch.get_num_threads()
+    rope = (c.data_ptr(), c.numel(), s.data_ptr(), s.numel())
     x = x.contiguous()
-    for i, (fwd, plan, k, v, n) in enumerate(zip(fwds, plans, keys, values, ns)):
+    # layer i's output: row i of one block; the last layer's its own tensor (the op's result, not a view)
+    outs = list(torch.empty(len(fwds) - 1, b, h).unbind(0)) + [torch.empty(b, h)]
+    nt = torch.get_num_threads()
+    calls = []  # per layer: (kernel step, its arguments), or None: the layer's modules
+    for i, (plan, k, v, n) in enumerate(zip(plans, keys, values, ns)):
         cap = k.shape[2]
         if (plan is not None and plan.h == h and plan.d == d and plan.hkv == k.shape[1] and k.stride(-1) == 1
                 and v.stride(-1) == 1 and mask_is_causal_at(mask, n, cap)):
-            out = bufs[i % 2]
-            plan.native.step(x.data_ptr(), x.numel(), b, cp, cn, sp, sn, *cache_buffer_args(k),
-                             *cache_buffer_args(v), n, cap, out.data_ptr(), out.numel(), nt)
+            src = x if i == 0 else outs[i - 1]
+            calls.append((plan.native.step, (src.data_ptr(), b * h, b, *rope, *cache_buffer_args(k),
+                                             *cache_buffer_args(v), n, cap, outs[i].data_ptr(), b * h, nt)))
+        else:
+            calls.append(None)
+    for i, call in enumerate(calls):
+        if call is not None:
+            call[0](*call[1])
         else:
             with torch.no_grad():
-                out = _reference(fwd.layer, x, cos, sin, k, v, n, mask).contiguous()
-        x = out
+                outs[i].copy_(_reference(fwds[i].layer, x if i == 0 else outs[i - 1], cos, sin, keys[i], values[i],
+                                         ns[i], mask).view(b, h))
     torch._foreach_add_(positions, 1)
     torch.autograd.graph.increment_version(keys + values)  # (written in place through their pointers)
-    return x
+    return outs[-1]
