@@ -1,16 +1,21 @@
 """Eager against torch.compile for a patched SmolLM2-135M (issue 10: the compiled path at least as fast as eager).
 
-    python bench/e2e_compile.py              # int4+head: eager (decode-layer kernel, dynamic cache), eager with a
-                                             # static cache (the kernel through ops.decode_layer_step), the same
-                                             # with the kernel off (per-op), torch.compile(model.forward) with a
-                                             # static cache; ~6 min on 2 cores
+    python bench/e2e_compile.py              # int4+head on ONE model instance: eager (decode-layer kernel, dynamic
+                                             # cache), eager with a static cache (the kernel through
+                                             # ops.decode_layer_step), the same with the kernel off (per-op),
+                                             # torch.compile(model.forward) with a static cache; and a control: a
+                                             # second instance, eager with a static cache; ~5 min on 2 cores
     python bench/e2e_compile.py --quick      # 8 new tokens, 1 round (numbers meaningless)
 
-Greedy decode (batch 1, 32-token prompt, exactly --new tokens: e2e_peers.TorchLM), every model round robin
-in one process, after one untimed generate each (the compiled one's compiles happen there: first_generate_s).
-decode_tps is the median over --rounds rounds; the ratios are medians of each round's ratio (the variants of one
-round run seconds apart, so the VM's drift over minutes cancels out of them). Writes
-bench/results/e2e-compile-smollm2-<machine>.json.
+Greedy decode (batch 1, 32-token prompt, exactly --new tokens: e2e_peers.TorchLM). Every variant but the control
+runs the same module instance, so the same weights at the same addresses: only the way it is called differs
+(model.forward swapped for its torch.compile wrapper, the cache implementation, kernswap.set_decode_path). Two
+deep copies of one patched model, run the same way, decode up to ~5% apart on this kind of VM (where their pages
+landed); the control row ("second instance", vs_eager_static) shows that spread in the run itself. Each variant
+runs one untimed generate first (the compiled one's compiles happen there: first_generate_s); then --rounds
+rounds, each running every variant once in an order rotated by one per round. decode_tps is the median over the
+rounds; the ratios are medians of each round's ratio (the variants of one round run seconds apart, so the VM's
+drift over minutes cancels out of them). Writes bench/results/e2e-compile-smollm2-<machine>.json.
 """
 from __future__ import annotations
 
@@ -33,48 +38,65 @@ import harness as H  # noqa: E402
 from e2e_peers import TorchLM  # noqa: E402
 
 PATCH = dict(quant="int4", lm_head=True)
-VARIANTS = ("eager", "eager static cache", "eager static cache per-op", "compiled static cache")
+CONTROL = "eager static cache, second instance"
+VARIANTS = ("eager", "eager static cache", "eager static cache per-op", "compiled static cache", CONTROL)
 
 
-def _models(base):
+def _patched(base):
     import kernswap
 
-    out = {}
-    for name in VARIANTS:
-        m = copy.deepcopy(base)
-        kernswap.patch(m, progress=False, keep_originals=False, **PATCH)
-        if "per-op" in name:
-            kernswap.set_decode_path(m, False)
-        if "static" in name:
-            m.generation_config.cache_implementation = "static"
-        if name.startswith("compiled"):
-            m.forward = torch.compile(m.forward)
-        out[name] = m
-    return out
+    m = copy.deepcopy(base)
+    kernswap.patch(m, progress=False, keep_originals=False, **PATCH)
+    return m
+
+
+def _variants(base):
+    """name -> (TorchLM, setup): setup() puts the shared instance in the variant's mode before each generate."""
+    import kernswap
+
+    m, other = _patched(base), _patched(base)
+    compiled = torch.compile(m.forward)
+
+    def mode(forward, decode_path):
+        def setup():
+            m.__dict__.pop("forward", None)  # the class's forward
+            if forward is not None:
+                m.forward = forward
+            kernswap.set_decode_path(m, decode_path)
+        return setup
+
+    eager = mode(None, True)
+    return {"eager": (TorchLM(m, 0), eager),
+            "eager static cache": (TorchLM(m, 0, "static"), eager),
+            "eager static cache per-op": (TorchLM(m, 0, "static"), mode(None, False)),
+            "compiled static cache": (TorchLM(m, 0, "static"), mode(compiled, True)),
+            CONTROL: (TorchLM(other, 0, "static"), eager)}
 
 
 def run(ctx: H.Context, new_tokens: int, rounds: int):
     from kernswap.testing import load_smollm2
 
     torch.set_num_threads(ctx.threads)
-    base = load_smollm2()
     prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
-    models = {name: TorchLM(m, 0) for name, m in _models(base).items()}  # (exactly new_tokens greedy tokens)
+    models = _variants(load_smollm2())
+    assert tuple(models) == VARIANTS
 
-    def gen(lm):
-        return lm.generate(prompt, new_tokens)
+    def gen(name):
+        lm, setup = models[name]
+        setup()
+        t0 = time.perf_counter()
+        out = lm.generate(prompt, new_tokens)
+        return out, time.perf_counter() - t0
 
     first, outs, tps = {}, {}, {n: [] for n in models}
-    for name, m in models.items():
-        t0 = time.perf_counter()
-        outs[name] = gen(m)
-        first[name] = time.perf_counter() - t0
+    for name in models:
+        outs[name], first[name] = gen(name)
         print(f"[e2e-compile] {name}: first generate {first[name]:.1f} s", file=sys.stderr)
-    for _ in range(rounds):
-        for name, m in models.items():
-            t0 = time.perf_counter()
-            gen(m)
-            tps[name].append(new_tokens / (time.perf_counter() - t0))
+    for r in range(rounds):
+        names = list(models)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            tps[name].append(new_tokens / gen(name)[1])
+    models["eager"][1]()  # leave the instance as patch() made it
     ref = outs["eager"]
     rows = []
 
@@ -86,11 +108,12 @@ def run(ctx: H.Context, new_tokens: int, rounds: int):
                      "decode_tps": statistics.median(tps[name]), "vs_eager": ratio(name, "eager"),
                      "vs_eager_static": ratio(name, "eager static cache"),
                      "first_generate_s": first[name], "same_tokens_as_eager": bool(torch.equal(outs[name], ref)),
-                     "new_tokens": new_tokens, "threads": ctx.threads, "device": ctx.meta["device"]["cpu"],
-                     "isa": ctx.meta.get("kernswap_cpu_backend")})
-    tgt = [H.target("compiled decode >= eager", rows[-1]["vs_eager"], 1.0, "compiled static cache vs eager"),
-           H.target("compiled decode >= eager (static cache)", rows[-1]["vs_eager_static"], 1.0,
-                    "compiled static cache vs eager static cache")]
+                     "new_tokens": new_tokens, "rounds": rounds, "threads": ctx.threads,
+                     "device": ctx.meta["device"]["cpu"], "isa": ctx.meta.get("kernswap_cpu_backend")})
+    comp = rows[VARIANTS.index("compiled static cache")]
+    tgt = [H.target("compiled decode >= eager", comp["vs_eager"], 1.0, "compiled static cache vs eager"),
+           H.target("compiled decode >= eager (static cache)", comp["vs_eager_static"], 1.0,
+                    "compiled static cache vs eager static cache, the same instance")]
     return rows, tgt
 
 

@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 
 
-def greedy_config(model, n: int):
+def greedy_config(model, n: int, cache_implementation: Optional[str] = None):
     """``model``'s generation config for exactly n greedy new tokens, the way llama.cpp's rows decode: no end
     token, so nothing stops early and transformers adds no min-new-tokens processors (they scan the whole
-    vocabulary twice per token: ~0.7 ms of an ~8-10 ms SmolLM2 token on the Xeon). Built before any timing."""
+    vocabulary twice per token: ~0.7 ms of an ~8-10 ms SmolLM2 token on the Xeon). Built before any timing.
+    cache_implementation (e.g. "static") overrides the model's own."""
     gc = copy.deepcopy(model.generation_config)
     gc.update(eos_token_id=None, max_new_tokens=n, min_new_tokens=None, do_sample=False, pad_token_id=0,
               use_cache=True)
+    if cache_implementation is not None:
+        gc.cache_implementation = cache_implementation
     return gc
 
 
@@ -39,9 +42,10 @@ class TorchLM:
 
     kind = "torch"
 
-    def __init__(self, model, param_bytes: int):
+    def __init__(self, model, param_bytes: int, cache_implementation: Optional[str] = None):
         self.model = model.eval()
         self.param_bytes = param_bytes
+        self.cache_implementation = cache_implementation  # greedy_config's override
         self._greedy = {}  # new tokens -> generation config (greedy_config)
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
@@ -62,7 +66,7 @@ class TorchLM:
     def generate(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
         gc = self._greedy.get(n)
         if gc is None:  # (made on the untimed first call)
-            gc = self._greedy[n] = greedy_config(self.model, n)
+            gc = self._greedy[n] = greedy_config(self.model, n, self.cache_implementation)
         out = self.model.generate(prompt, generation_config=gc)
         return out[:, prompt.shape[1]:]
 
