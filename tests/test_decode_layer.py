@@ -225,6 +225,45 @@ def test_replaced_weights_are_read(steps, how):
     torch.testing.assert_close(after, ref, rtol=0, atol=_logit_tol(ref))
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("how", ["forward hook", "pre-hook", "instance forward", "embedding hook"])
+def test_hooked_or_wrapped_parts_run(steps, how, cache):
+    """A hook on a part the kernel stands for (o_proj, a norm; the embedding, which the model-level step looks up
+    itself) or a wrapper set as a part's instance ``forward`` (down_proj) runs on every decode step, as in the
+    per-op path (the layer takes its modules while it is there); once it is removed the kernel takes the layer
+    again."""
+    model = _patched("llama")
+    model.generation_config.cache_implementation = cache
+    layer = model.model.layers[0]
+    calls = []
+    if how == "forward hook":
+        handle = layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        remove = handle.remove
+    elif how == "pre-hook":
+        handle = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, i: calls.append(1) or (i[0] * 2,))
+        remove = handle.remove
+    elif how == "embedding hook":
+        handle = model.model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        remove = handle.remove
+    else:
+        down = layer.mlp.down_proj
+        down.forward = lambda x: calls.append(1) or type(down).forward(down, x) * 0.5
+        remove = lambda: down.__dict__.pop("forward")  # noqa: E731
+    out = _generate(model)
+    n = len(calls)
+    set_decode_path(model, False)
+    ref = _generate(model)
+    assert n == len(calls) - n == NEW, "the hook or wrapper ran on every step, as in the per-op path"
+    assert torch.equal(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=_logit_tol(ref[1]))
+    remove()
+    set_decode_path(model, True)
+    steps["steps"] = 0
+    _generate(model)
+    if cache is None:  # (the counter sees the dynamic cache's steps)
+        assert steps["steps"] == (NEW - 1) * model.config.num_hidden_layers, "the kernel takes the layer again"
+
+
 def test_unpatch_leaves_no_forward():
     model = tiny_model("qwen2")
     ref = _generate(model)

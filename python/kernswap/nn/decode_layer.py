@@ -113,17 +113,35 @@ _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn", "gate_up_proj")
 
 
-def _sources(layer: nn.Module, attn: nn.Module, mlp: nn.Module, mods: tuple, norm_mods: tuple) -> list:
+def _replaced_parts(layer: nn.Module, attn: nn.Module, mlp: nn.Module, mods: tuple) -> list:
+    """The modules whose computation one kernel call stands for: the layer's parts above and the fused layers."""
+    found = [d.get(n) for d, names in ((layer._modules, _LAYER_PARTS), (attn._modules, _ATTN_PARTS),
+                                       (mlp._modules, _MLP_PARTS)) for n in names] + list(mods)
+    out = []
+    for m in found:
+        if isinstance(m, nn.Module) and all(m is not o for o in out):
+            out.append(m)
+    return out
+
+
+def _sources(layer: nn.Module, attn: nn.Module, mlp: nn.Module, mods: tuple, norm_mods: tuple, parts: list) -> list:
     """(dict, key) of every object a plan is made from, straight from the modules' own dicts (no
     nn.Module.__getattr__): the plan holds while each entry still holds the same object. Covers a replaced part
-    (a child module), attention config or sparse-attention setting, quantization config, buffer
-    (``mod.packed = t``) or norm weight (``norm.weight = nn.Parameter(t)``); data moved (``.data = t``) or written
-    in place shows in the objects' pointers and versions (_versions)."""
+    (a child module), a part's ``forward`` set on the instance (a wrapper the kernel would skip), attention config
+    or sparse-attention setting, quantization config, buffer (``mod.packed = t``) or norm weight
+    (``norm.weight = nn.Parameter(t)``); data moved (``.data = t``) or written in place shows in the objects'
+    pointers and versions (_versions)."""
     return ([(layer._modules, n) for n in _LAYER_PARTS] + [(attn._modules, n) for n in _ATTN_PARTS]
             + [(attn.__dict__, "config"), (attn.__dict__, MODULE_ATTR)] + [(mlp._modules, n) for n in _MLP_PARTS]
-            + [(m.__dict__, "config") for m in mods]
+            + [(m.__dict__, "forward") for m in parts] + [(m.__dict__, "config") for m in mods]
             + [(m._buffers, n) for m in mods for n in ("packed", "scale", "zero")]
             + [(m._parameters, "bias") for m in mods] + [(n._parameters, "weight") for n in norm_mods])
+
+
+def _own_forward(f) -> bool:
+    """No instance ``forward``, or one kernswap installed (the MLP's SwiGLUForward): the kernel computes what it
+    would. Anything else (a user's or another library's wrapper) must run, so the kernel does not take the layer."""
+    return f is None or type(f).__module__.startswith("kernswap.")
 
 
 _DATA_PTR, _VERSION, _IS = torch.Tensor.data_ptr, operator.attrgetter("_version"), operator.is_  # (mapped over
@@ -159,7 +177,11 @@ class _Plan:
         norms = [n.weight.detach() for n in norm_mods]
         # the tensors the pointers point into (held, so their memory stays theirs)
         self.tensors = [t for _, keep in ws for t in keep if t is not None] + norms
-        sources = _sources(layer, attn, mlp, self.mods, norm_mods)
+        parts = _replaced_parts(layer, attn, mlp, self.mods)
+        # their hooks (forward, pre-forward, backward): while any is registered the layer takes its modules' path
+        self.hook_dicts = [d for m in parts for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                                      m._backward_pre_hooks)]
+        sources = _sources(layer, attn, mlp, self.mods, norm_mods, parts)
         self.dicts, self.keys = tuple(d for d, _ in sources), tuple(k for _, k in sources)
         self.objects = list(map(dict.get, self.dicts, self.keys))
         self.weight_objects = [t for t in self.objects if isinstance(t, torch.Tensor)]
@@ -168,6 +190,7 @@ class _Plan:
         self.qk = (norms[2].data_ptr(), self.d, norms[3].data_ptr(), self.d, kn.variance_epsilon) if qn is not None \
             else (0, 0, 0, 0, 0.0)
         self.valid = (self.idx is not None and attends_densely(attn, self.impl)
+                      and all(_own_forward(m.__dict__.get("forward")) for m in parts)
                       and all(c.backend.value in ("auto", "cpu") for c in self.configs)
                       and all(m.packed.device.type == "cpu" for m in self.mods)
                       and qkv.out_features == (self.hq + 2 * self.hkv) * self.d and o.in_features == self.hq * self.d)
@@ -220,7 +243,7 @@ class DecodeForward:
         if plan is None or not plan.current(impls):
             parts = decode_parts(self.layer)
             plan = self._plan = None if parts is None else _Plan(self.layer, parts)
-        return plan if plan is not None and plan.valid else None
+        return plan if plan is not None and plan.valid and not any(plan.hook_dicts) else None
 
     def _prepared(self, x: torch.Tensor, kwargs, impls: Optional[dict] = None) -> Optional[_Plan]:
         """The layer's plan when this call is a decode step the kernel runs, else None."""

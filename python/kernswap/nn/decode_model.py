@@ -103,6 +103,7 @@ class DecodeModelForward:
             return None
         layers = model.layers
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or hooked(model)
+                or hooked(model.embed_tokens)  # (the step looks the ids up with F.embedding)
                 or any(hooked(layer) or type(layer.__dict__.get("forward")) is not DecodeForward for layer in layers)):
             return None
         mask = kwargs.get("attention_mask")
