@@ -2,7 +2,9 @@
 bench/e2e_compile.py): the model's forward, timed per call inside generate (int4+head, static cache, 64 greedy
 tokens, one model instance), eager against torch.compile(model.forward) with Dynamo's guards as they are, with its
 tensor guards only, and with no guards at all (torch.compiler.keep_tensor_guards_unsafe / skip_all_guards_unsafe:
-a diagnostic, never a way to run a model: a graph without its guards runs on inputs it was not traced for).
+a diagnostic, never a way to run a model: a graph without its guards runs on inputs it was not traced for); and
+with the guards in place but not evaluated, torch.compiler.set_stance(skip_guard_eval_unsafe=True) around the
+compiled variant's generate calls (torch's switch for a loop known to call one graph the same way every time).
 
     python bench/e2e_compile_split.py            # ~5 min on 2 cores
     python bench/e2e_compile_split.py --quick    # 8 tokens, 1 round (numbers meaningless)
@@ -24,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {"guards as they are": None, "tensor guards only": "keep_tensor_guards_unsafe",
-            "no guards": "skip_all_guards_unsafe"}
+            "no guards": "skip_all_guards_unsafe", "guards skipped by set_stance": "stance"}
 
 
 def child(variant: str, new_tokens: int, rounds: int) -> None:
@@ -44,7 +46,7 @@ def child(variant: str, new_tokens: int, rounds: int) -> None:
     model = load_smollm2()
     kernswap.patch(model, progress=False, keep_originals=False, quant="int4", lm_head=True)
     flt = VARIANTS[variant]
-    opts = {} if flt is None else {"options": {"guard_filter_fn": getattr(torch.compiler, flt)}}
+    opts = {} if flt in (None, "stance") else {"options": {"guard_filter_fn": getattr(torch.compiler, flt)}}
     eager, compiled = model.forward, torch.compile(model.forward, **opts)
 
     def decode_compiled(*args, **kw):  # the prefill eager: a graph without guards would answer every shape
@@ -71,7 +73,11 @@ def child(variant: str, new_tokens: int, rounds: int) -> None:
         for name, f in calls.items():
             got = []
             model.forward = timed(f, got)
-            lm.generate(prompt, new_tokens)
+            if name == "compiled" and flt == "stance":  # the compiled entry's guards not evaluated while one fits
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    lm.generate(prompt, new_tokens)
+            else:
+                lm.generate(prompt, new_tokens)
             times[name].append(statistics.median(got[1:]) / 1e3)  # (the first call is the prefill)
     del model.forward
     print(json.dumps({"variant": variant, "eager_us": statistics.median(times["eager"]),
