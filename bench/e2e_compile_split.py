@@ -10,8 +10,9 @@ compiled variant's generate calls (torch's switch for a loop known to call one g
     python bench/e2e_compile_split.py --quick    # 8 tokens, 1 round (numbers meaningless)
 
 Only the decode steps are compiled (the prefill runs eager in every variant). Each compiled variant runs in its
-own process (so no variant's cache entry can answer another's call), in rounds with eager on the same instance; per_call_us is the median of the decode steps' forward calls (prefill excluded)
-over the rounds, extra_us the median over the rounds of (compiled - eager) of the round's medians. Writes
+own process (so no variant's cache entry can answer another's call), in rounds with eager on the same instance;
+eager_forward_us / compiled_forward_us are the medians over the rounds of each round's median decode-step forward
+call (prefill excluded), extra_us the median over the rounds of (compiled - eager) of those round medians. Writes
 bench/results/e2e-compile-split-smollm2-<machine>.json.
 """
 from __future__ import annotations
@@ -39,12 +40,13 @@ def child(variant: str, new_tokens: int, rounds: int) -> None:
     except ImportError:
         sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
         import kernswap
+    from e2e_compile import PATCH
     from e2e_peers import TorchLM
     from kernswap.testing import load_smollm2
 
     torch.set_num_threads(2)
     model = load_smollm2()
-    kernswap.patch(model, progress=False, keep_originals=False, quant="int4", lm_head=True)
+    kernswap.patch(model, progress=False, keep_originals=False, **PATCH)
     flt = VARIANTS[variant]
     opts = {} if flt in (None, "stance") else {"options": {"guard_filter_fn": getattr(torch.compiler, flt)}}
     eager, compiled = model.forward, torch.compile(model.forward, **opts)

@@ -55,6 +55,11 @@ def cache_buffer_args(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), extent(t), *t.stride()[:3])
 
 
+def rope_args(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Contiguous cos and sin rows as the decode bindings take them: pointer and element count of each."""
+    return cos.data_ptr(), cos.numel(), sin.data_ptr(), sin.numel()
+
+
 def dense_from_rows(bits: int, isa: Optional[str] = None) -> Optional[int]:
     """Rows from which a weight-only call on tier ``isa`` (default: the qlinear tier in use) runs dequantized
     panels through torch's fp32 GEMM; None when it never does."""

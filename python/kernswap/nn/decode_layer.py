@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import _ext
-from ..backends.cpu import cache_buffer_args, weight_args
+from ..backends.cpu import cache_buffer_args, rope_args, weight_args
 from ..ops.decode_layer_step import register_layer
 from ._parts import is_silu
 from ._state import tensor_key
@@ -201,10 +201,20 @@ class _Plan:
 
     def current(self, impls: Optional[dict] = None) -> bool:
         """Still the plan of this layer: the same objects where it read them (_sources), the same attention
-        implementation, the weights' memory where it was and nothing written in place (~4 us for a SmolLM2
-        layer: C loops over the ~40 entries)."""
+        implementation, the weights' memory where it was and nothing written in place (C loops over the ~55
+        entries of a SmolLM2 layer)."""
         return (all(map(_IS, map(dict.get, self.dicts, self.keys), self.objects))
                 and _attn_impl(self.cfg, impls) == self.impl and _versions(self.weight_objects) == self.state)
+
+
+    def step_call(self, src: torch.Tensor, rope: tuple, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int,
+                  out: torch.Tensor, nt: int) -> tuple:
+        """(the kernel's step, its arguments) for one decode step: ``src`` and ``out`` contiguous [B, H] fp32, rope
+        from ``backends.cpu.rope_args``, the key and value written at position n of the cache buffers (capacity:
+        their third size). The caller holds every tensor the arguments point into until the step has run."""
+        b = src.shape[0]
+        return self.native.step, (src.data_ptr(), src.numel(), b, *rope, *cache_buffer_args(kbuf),
+                                  *cache_buffer_args(vbuf), n, kbuf.shape[2], out.data_ptr(), out.numel(), nt)
 
 
 class DecodeForward:
@@ -299,9 +309,8 @@ class DecodeForward:
         out = torch.empty(b, h)
         if slot is not None:  # one call: the kernel writes the new key and value into the cache's buffer
             layer, kbuf, vbuf, n = slot
-            plan.native.step(x2.data_ptr(), x2.numel(), b, cos.data_ptr(), cos.numel(), sin.data_ptr(), sin.numel(),
-                             *cache_buffer_args(kbuf), *cache_buffer_args(vbuf), n, kbuf.shape[2], out.data_ptr(),
-                             out.numel(), nt)
+            step, args = plan.step_call(x2, rope_args(cos, sin), kbuf, vbuf, n, out, nt)
+            step(*args)
             self._kv.commit(layer, kbuf, vbuf, n)
             return out.view(b, 1, h)
         # two calls around the cache's own update (a sliding-window layer, the first step of a new cache layer)

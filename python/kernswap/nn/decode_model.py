@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
-from ..backends.cpu import cache_buffer_args
+from ..backends.cpu import rope_args
 from ..ops.decode_layer_step import decode_layer_step, mask_fits
 from ._parts import hooked
 from .decode_layer import DecodeForward, _rope_rows, rope_rows
@@ -221,11 +221,9 @@ def _one_call_per_layer(fwds, plans, h: torch.Tensor, kw, cache) -> Optional[tor
     outs = torch.empty(len(plans), b, hsz)
     nt = torch.get_num_threads()
     calls = []
+    rope = rope_args(cos, sin)
     for i, (p, (_, kbuf, vbuf, n)) in enumerate(zip(plans, slots)):
-        src = x if i == 0 else outs[i - 1]
-        calls.append((p.native.step, (src.data_ptr(), b * hsz, b, cos.data_ptr(), cos.numel(), sin.data_ptr(),
-                                      sin.numel(), *cache_buffer_args(kbuf), *cache_buffer_args(vbuf), n, kbuf.shape[2],
-                                      outs[i].data_ptr(), b * hsz, nt)))
+        calls.append(p.step_call(x if i == 0 else outs[i - 1], rope, kbuf, vbuf, n, outs[i], nt))
     for step, args in calls:
         step(*args)
     for fwd, (layer, kbuf, vbuf, n) in zip(fwds, slots):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..backends.cpu import cache_buffer_args
+from ..backends.cpu import rope_args
 
 __all__ = ["static_steps", "mask_is_causal_at"]
 
@@ -98,8 +98,8 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
     kernel = (_ext.have_cpu_ext() and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
     impls = {}  # the layers' attention implementation, read once per config object
     plans = [fwd.layer_plan(impls) if kernel else None for fwd in fwds]
-    c, s = cos.contiguous(), sin.contiguous()
-    rope = (c.data_ptr(), c.numel(), s.data_ptr(), s.numel())
+    c, s = cos.contiguous(), sin.contiguous()  # (held: the calls below point into them)
+    rope = rope_args(c, s)
     x = x.contiguous()
     # layer i's output: row i of one block; the last layer's its own tensor (the op's result, not a view)
     outs = list(torch.empty(len(fwds) - 1, b, h).unbind(0)) + [torch.empty(b, h)]
@@ -109,9 +109,7 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
         cap = k.shape[2]
         if (plan is not None and plan.h == h and plan.d == d and plan.hkv == k.shape[1] and k.stride(-1) == 1
                 and v.stride(-1) == 1 and mask_is_causal_at(mask, n, cap)):
-            src = x if i == 0 else outs[i - 1]
-            calls.append((plan.native.step, (src.data_ptr(), b * h, b, *rope, *cache_buffer_args(k),
-                                             *cache_buffer_args(v), n, cap, outs[i].data_ptr(), b * h, nt)))
+            calls.append(plan.step_call(x if i == 0 else outs[i - 1], rope, k, v, n, outs[i], nt))
         else:
             calls.append(None)
     for i, call in enumerate(calls):
