@@ -158,6 +158,31 @@ def test_compiled_fullgraph_same_tokens(count):
     torch._dynamo.reset()
 
 
+def test_compiled_step_runs_a_layer_hook():
+    """A forward hook on a decoder layer when torch.compile traces the decode step: the compiled step is the
+    model's own forward with the hook in it (called on every step, the eager tokens and logits). The model-level
+    hooks are read once when the step is traced, as Dynamo reads a compiled module's own."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _patched("llama")
+    calls = torch.zeros((), dtype=torch.long)  # (a tensor: a Python counter would be a guard that fails per step)
+
+    def hook(mod, args, out):
+        calls.add_(1)
+        return (out[0] * 0.5,) + tuple(out[1:]) if isinstance(out, tuple) else out * 0.5
+
+    model.model.layers[1].register_forward_hook(hook)
+    ref_tokens, ref_logits = _generate(model)
+    assert int(calls) == NEW
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    tokens, logits = _generate(model)
+    assert int(calls) == 2 * NEW, "the hook ran on every compiled step"
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+    torch._dynamo.reset()
+
+
 def _op_args(model, b=2, cap=9, pos=4):
     cfg = model.config
     d, hkv, n = cfg.head_dim, cfg.num_key_value_heads, cfg.num_hidden_layers

@@ -8,7 +8,8 @@ installed as the base model instance's ``forward`` next to the layers' :class:`D
 runs such a step as: embedding lookup -> rotary embedding -> each layer's decode forward -> final norm. It takes only
 calls whose result is provably the model's own: token ids of one position per sequence, a dynamic cache, no mask or
 an all-ones one (a decode step then attends every cached position, which is what the model's mask builder says too,
-and within any sliding window), no hooks on the model or its layers, no outputs asked beyond the last hidden state.
+and within any sliding window), no hooks on the model or its layers (under torch.compile read when the step is
+traced, as Dynamo reads a compiled module's own), no outputs asked beyond the last hidden state.
 Anything else runs the class's forward unchanged.
 """
 import dataclasses
@@ -59,6 +60,30 @@ def decode_model_ready(model: nn.Module) -> bool:
             and all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers))
 
 
+def _any_hooked(fwd: "DecodeModelForward") -> bool:
+    """Whether a hook is set that the step would skip: a global module hook, or one on the base model, its
+    embedding (the step looks the ids up with F.embedding) or a decoder layer (the hooks on a layer's parts are its
+    plan's to check, per call)."""
+    model = fwd.model
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or hooked(model)
+                or hooked(model.embed_tokens) or any(map(hooked, model.layers)))
+
+
+# Under torch.compile the hooks are read as Dynamo reads a compiled module's own (torch._dynamo.config.
+# skip_nnmodule_hook_guards, on by default): once, when the step is traced, without a guard per hook dict (~180
+# guards evaluated before every compiled step otherwise): a hook set or removed later is not seen by the compiled
+# step until it is compiled again, as with any compiled module. With that setting off, every call reads them.
+@torch.compiler.assume_constant_result
+def _hooked_when_traced(fwd: "DecodeModelForward") -> bool:
+    return _any_hooked(fwd)
+
+
+@torch.compiler.assume_constant_result
+def _hook_guards_skipped() -> bool:
+    from torch._dynamo import config
+    return bool(getattr(config, "skip_nnmodule_hook_guards", False))
+
+
 class DecodeModelForward:
     """``forward`` of a patched base model: decode steps as a plain loop over the layers' decode forwards."""
 
@@ -102,9 +127,9 @@ class DecodeModelForward:
                 or getattr(cfg, "_attn_implementation", None) not in _IMPLS):
             return None
         layers = model.layers
-        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or hooked(model)
-                or hooked(model.embed_tokens)  # (the step looks the ids up with F.embedding)
-                or any(hooked(layer) or type(layer.__dict__.get("forward")) is not DecodeForward for layer in layers)):
+        hooks = (_hooked_when_traced(self) if torch.compiler.is_compiling() and _hook_guards_skipped()
+                 else _any_hooked(self))
+        if hooks or not all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers):
             return None
         mask = kwargs.get("attention_mask")
         if type(mask) is dict:  # per layer type (generate's masks for a static cache): all full attention here
@@ -143,8 +168,8 @@ class DecodeModelForward:
         if getattr(cache, "offloading", False) or type(layers) is not list or len(layers) < n_layers:
             return None
         layers = layers[:n_layers]
-        for layer in layers:
-            if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+        for layer in layers:  # (an uninitialised layer's keys are None)
+            if type(layer).__name__ != "StaticLayer":
                 return None
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
             if (type(k) is not torch.Tensor or type(v) is not torch.Tensor or k.dtype != torch.float32
