@@ -183,6 +183,35 @@ def test_compiled_step_runs_a_layer_hook():
     torch._dynamo.reset()
 
 
+def test_compiled_step_sees_a_later_hook_when_hooks_are_guarded():
+    """With Dynamo's hook guards on (skip_nnmodule_hook_guards=False), the decode path reads the hooks on every
+    compiled call: a hook set after the step was compiled runs on every following step (a recompile), with the
+    eager tokens and logits."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _patched("llama")
+    calls = torch.zeros((), dtype=torch.long)
+
+    def hook(mod, args, out):
+        calls.add_(1)
+        return (out[0] * 0.5,) + tuple(out[1:]) if isinstance(out, tuple) else out * 0.5
+
+    eager = model.forward
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        model.forward = torch.compile(eager, fullgraph=True)
+        plain = _generate(model)[1]
+        model.model.layers[1].register_forward_hook(hook)
+        tokens, logits = _generate(model)
+    assert int(calls) == NEW, "the hook ran on every compiled step"
+    model.forward = eager
+    ref_tokens, ref_logits = _generate(model)
+    assert int(calls) == 2 * NEW and not torch.allclose(ref_logits, plain), "the hook changes the logits"
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
+    torch._dynamo.reset()
+
+
 def _op_args(model, b=2, cap=9, pos=4):
     cfg = model.config
     d, hkv, n = cfg.head_dim, cfg.num_key_value_heads, cfg.num_hidden_layers
