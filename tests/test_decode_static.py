@@ -158,20 +158,34 @@ def test_compiled_fullgraph_same_tokens(count):
     torch._dynamo.reset()
 
 
-def test_compiled_step_runs_a_layer_hook():
+def _counted_hook():
+    """(calls, hook): a forward hook that shifts a decoder layer's output and counts its calls in a tensor (a Python
+    counter would be a guard that fails on every compiled step)."""
+    calls = torch.zeros((), dtype=torch.long)
+
+    def hook(mod, args, out):
+        calls.add_(1)
+        return (out[0] + 0.5,) + tuple(out[1:]) if isinstance(out, tuple) else out + 0.5
+
+    return calls, hook
+
+
+@pytest.mark.parametrize("which", ["the model", "a deep copy"])
+def test_compiled_step_runs_a_layer_hook(which):
     """A forward hook on a decoder layer when torch.compile traces the decode step: the compiled step is the
     model's own forward with the hook in it (called on every step, the eager tokens and logits). The model-level
-    hooks are read once when the step is traced, as Dynamo reads a compiled module's own."""
+    hooks are read once when the step is traced, as Dynamo reads a compiled module's own; a deep copy of a patched
+    model has its own model-level forward, so compiled it reads the copy's hooks, not the original's (none)."""
+    import copy
+
     import torch._dynamo
 
     torch._dynamo.reset()
     model = _patched("llama")
-    calls = torch.zeros((), dtype=torch.long)  # (a tensor: a Python counter would be a guard that fails per step)
-
-    def hook(mod, args, out):
-        calls.add_(1)
-        return (out[0] * 0.5,) + tuple(out[1:]) if isinstance(out, tuple) else out * 0.5
-
+    if which == "a deep copy":
+        original, model = model, copy.deepcopy(model)
+        assert model.model.__dict__["forward"].uid != original.model.__dict__["forward"].uid
+    calls, hook = _counted_hook()
     model.model.layers[1].register_forward_hook(hook)
     ref_tokens, ref_logits = _generate(model)
     assert int(calls) == NEW
@@ -191,12 +205,7 @@ def test_compiled_step_sees_a_later_hook_when_hooks_are_guarded():
 
     torch._dynamo.reset()
     model = _patched("llama")
-    calls = torch.zeros((), dtype=torch.long)
-
-    def hook(mod, args, out):
-        calls.add_(1)
-        return (out[0] * 0.5,) + tuple(out[1:]) if isinstance(out, tuple) else out * 0.5
-
+    calls, hook = _counted_hook()
     eager = model.forward
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         model.forward = torch.compile(eager, fullgraph=True)

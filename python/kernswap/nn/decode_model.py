@@ -14,6 +14,8 @@ Anything else runs the class's forward unchanged.
 """
 import dataclasses
 import functools
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -73,9 +75,15 @@ def _any_hooked(fwd: "DecodeModelForward") -> bool:
 # skip_nnmodule_hook_guards, on by default): once, when the step is traced, without a guard per hook dict (~180
 # guards evaluated before every compiled step otherwise): a hook set or removed later is not seen by the compiled
 # step until it is compiled again, as with any compiled module. With that setting off, every call reads them.
+# (The model's forward is named by an int: older Dynamo passes only constants to such a function.)
+_FORWARDS: "weakref.WeakValueDictionary[int, DecodeModelForward]" = weakref.WeakValueDictionary()
+_UIDS = itertools.count(1)
+
+
 @torch.compiler.assume_constant_result
-def _hooked_when_traced(fwd: "DecodeModelForward") -> bool:
-    return _any_hooked(fwd)
+def _hooked_when_traced(uid: int) -> bool:
+    fwd = _FORWARDS.get(uid)
+    return fwd is None or _any_hooked(fwd)
 
 
 @torch.compiler.assume_constant_result
@@ -91,6 +99,18 @@ class DecodeModelForward:
         self.model = model
         self.enabled = True  # kernswap.set_decode_path
         self.output_class = _output_class()  # (read here: torch.compile traces the step, not through lru_cache)
+        self._register()
+
+    def _register(self):
+        self.uid = next(_UIDS)  # (what a traced step names this forward by: _hooked_when_traced)
+        _FORWARDS[self.uid] = self
+
+    def __getstate__(self):  # pickling / deepcopy of the model: the id stays behind, the copy gets its own
+        return {k: v for k, v in self.__dict__.items() if k != "uid"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._register()
 
     def original(self, *args, **kwargs):
         return type(self.model).forward(self.model, *args, **kwargs)
@@ -127,7 +147,7 @@ class DecodeModelForward:
                 or getattr(cfg, "_attn_implementation", None) not in _IMPLS):
             return None
         layers = model.layers
-        hooks = (_hooked_when_traced(self) if torch.compiler.is_compiling() and _hook_guards_skipped()
+        hooks = (_hooked_when_traced(self.uid) if torch.compiler.is_compiling() and _hook_guards_skipped()
                  else _any_hooked(self))
         if hooks or not all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers):
             return None
