@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -40,6 +41,42 @@ from e2e_peers import TorchLM  # noqa: E402
 PATCH = dict(quant="int4", lm_head=True)
 CONTROL = "eager static cache, second instance"
 VARIANTS = ("eager", "eager static cache", "eager static cache per-op", "compiled static cache", CONTROL)
+
+
+def prompt() -> torch.Tensor:
+    """The decode benches' prompt: 32 token ids, the same every run."""
+    return torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+
+
+def patched_smollm2():
+    """SmolLM2-135M patched with PATCH (weights not kept)."""
+    import kernswap
+    from kernswap.testing import load_smollm2
+
+    model = load_smollm2()
+    kernswap.patch(model, progress=False, keep_originals=False, **PATCH)
+    return model
+
+
+def decode_steps_compiled(eager, compiled, seen: Optional[dict] = None):
+    """A forward that runs ``compiled`` for decode steps (one token per sequence) and ``eager`` for the prefill
+    (a graph traced for the prefill would answer it with another shape); the last decode step's keyword arguments
+    go to seen["kwargs"] when given."""
+    def forward(*args, **kw):
+        ids = kw.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            if seen is not None:
+                seen["kwargs"] = dict(kw)
+            return compiled(*args, **kw)
+        return eager(*args, **kw)
+    return forward
+
+
+def write_results(ctx: H.Context, suite: str, rows, targets, elapsed: float) -> None:
+    """bench/results/<suite>-smollm2-<machine>.json."""
+    path = os.path.join(HERE, "results", f"{suite}-smollm2-{H.machine_name(ctx)}.json")
+    H.write_json(path, ctx, rows, targets, suite, elapsed)
+    print(f"wrote {path}")
 
 
 def _patched(base):
@@ -77,7 +114,7 @@ def run(ctx: H.Context, new_tokens: int, rounds: int):
     from kernswap.testing import load_smollm2
 
     torch.set_num_threads(ctx.threads)
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = prompt()
     models = _variants(load_smollm2())
     assert tuple(models) == VARIANTS
 
@@ -85,7 +122,7 @@ def run(ctx: H.Context, new_tokens: int, rounds: int):
         lm, setup = models[name]
         setup()
         t0 = time.perf_counter()
-        out = lm.generate(prompt, new_tokens)
+        out = lm.generate(ids, new_tokens)
         return out, time.perf_counter() - t0
 
     first, outs, tps = {}, {}, {n: [] for n in models}
@@ -133,9 +170,7 @@ def main(argv=None) -> int:
                   title=f"SmolLM2-135M int4+head, {ctx.meta['device']['cpu']}, {ctx.threads} threads")
     H.print_targets(tgt)
     if not (a.quick or a.no_write):
-        path = os.path.join(HERE, "results", f"e2e-compile-smollm2-{H.machine_name(ctx)}.json")
-        H.write_json(path, ctx, rows, tgt, "e2e-compile", time.perf_counter() - t0)
-        print(f"wrote {path}")
+        write_results(ctx, "e2e-compile", rows, tgt, time.perf_counter() - t0)
     return 0
 
 

@@ -25,13 +25,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-try:
-    import kernswap
-except ImportError:
-    sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
-    import kernswap
+from e2e_compile import decode_steps_compiled, patched_smollm2, prompt, write_results  # noqa: E402
 import harness as H  # noqa: E402
-from e2e_compile import PATCH  # noqa: E402
 from e2e_peers import TorchLM  # noqa: E402
 
 
@@ -52,12 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    from kernswap.testing import load_smollm2
 
     ctx = H.make_context(threads=2, quick=a.quick)
     t_start = time.perf_counter()
-    model = load_smollm2()
-    kernswap.patch(model, progress=False, keep_originals=False, **PATCH)
+    model = patched_smollm2()
     kinds = {}
 
     def count(entries):
@@ -65,20 +58,10 @@ def main(argv=None) -> int:
             kinds[e.guard_type] = kinds.get(e.guard_type, 0) + 1
         return [True] * len(entries)
 
-    eager = model.forward
-    compiled = torch.compile(model.forward, options={"guard_filter_fn": count})
     last = {}
-
-    def decode_compiled(*args, **kw):
-        ids = kw.get("input_ids")
-        if ids is not None and ids.shape[1] == 1:
-            last["kwargs"] = dict(kw)
-            return compiled(*args, **kw)
-        return eager(*args, **kw)
-
-    model.forward = decode_compiled
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
-    TorchLM(model, 0, "static").generate(prompt, 6)
+    model.forward = decode_steps_compiled(model.forward, torch.compile(model.forward,
+                                                                       options={"guard_filter_fn": count}), last)
+    TorchLM(model, 0, "static").generate(prompt(), 6)
     del model.forward
     fn = type(model).forward
     code, cells = fn.__code__, dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
@@ -119,9 +102,7 @@ def main(argv=None) -> int:
                         f"({rows[0]['guards']} guards; cold: after a {weight_bytes / 2**20:.0f} MiB pass)")
     print("guards by kind:", ", ".join(f"{k} {v}" for k, v in rows[0]["guards_by_kind"].items()))
     if not (a.quick or a.no_write):
-        path = os.path.join(HERE, "results", f"e2e-compile-guards-smollm2-{H.machine_name(ctx)}.json")
-        H.write_json(path, ctx, rows, [], "e2e-compile-guards", time.perf_counter() - t_start)
-        print(f"wrote {path}")
+        write_results(ctx, "e2e-compile-guards", rows, [], time.perf_counter() - t_start)
     return 0
 
 

@@ -35,29 +35,18 @@ def child(variant: str, new_tokens: int, rounds: int) -> None:
     import torch
 
     sys.path.insert(0, HERE)
-    try:
-        import kernswap
-    except ImportError:
-        sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
-        import kernswap
-    from e2e_compile import PATCH
+    from e2e_compile import decode_steps_compiled, patched_smollm2, prompt
     from e2e_peers import TorchLM
-    from kernswap.testing import load_smollm2
 
     torch.set_num_threads(2)
-    model = load_smollm2()
-    kernswap.patch(model, progress=False, keep_originals=False, **PATCH)
+    model = patched_smollm2()
     flt = VARIANTS[variant]
     opts = {} if flt in (None, "stance") else {"options": {"guard_filter_fn": getattr(torch.compiler, flt)}}
-    eager, compiled = model.forward, torch.compile(model.forward, **opts)
-
-    def decode_compiled(*args, **kw):  # the prefill eager: a graph without guards would answer every shape
-        ids = kw.get("input_ids")
-        return (compiled if ids is not None and ids.shape[1] == 1 else eager)(*args, **kw)
-
-    calls = {"eager": eager, "compiled": decode_compiled}
+    eager = model.forward
+    # (the prefill eager: a graph without guards would answer every shape)
+    calls = {"eager": eager, "compiled": decode_steps_compiled(eager, torch.compile(eager, **opts))}
     lm = TorchLM(model, 0, "static")
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = prompt()
     times = {name: [] for name in calls}
 
     def timed(f, out):
@@ -70,16 +59,16 @@ def child(variant: str, new_tokens: int, rounds: int) -> None:
 
     for name, f in calls.items():  # (the compile happens here)
         model.forward = f
-        lm.generate(prompt, new_tokens)
+        lm.generate(ids, new_tokens)
     for _ in range(rounds):
         for name, f in calls.items():
             got = []
             model.forward = timed(f, got)
             if name == "compiled" and flt == "stance":  # the compiled entry's guards not evaluated while one fits
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    lm.generate(prompt, new_tokens)
+                    lm.generate(ids, new_tokens)
             else:
-                lm.generate(prompt, new_tokens)
+                lm.generate(ids, new_tokens)
             times[name].append(statistics.median(got[1:]) / 1e3)  # (the first call is the prefill)
     del model.forward
     print(json.dumps({"variant": variant, "eager_us": statistics.median(times["eager"]),
@@ -101,6 +90,7 @@ def main(argv=None) -> int:
         return 0
     sys.path.insert(0, HERE)
     import harness as H
+    from e2e_compile import write_results
 
     ctx = H.make_context(threads=2, quick=a.quick)
     t0 = time.perf_counter()
@@ -118,9 +108,7 @@ def main(argv=None) -> int:
     H.print_table(rows, ["variant", "eager_forward_us", "compiled_forward_us", "extra_us"],
                   title=f"SmolLM2-135M int4+head decode step, static cache, {ctx.meta['device']['cpu']}, 2 threads")
     if not (a.quick or a.no_write):
-        path = os.path.join(HERE, "results", f"e2e-compile-split-smollm2-{H.machine_name(ctx)}.json")
-        H.write_json(path, ctx, rows, [], "e2e-compile-split", time.perf_counter() - t0)
-        print(f"wrote {path}")
+        write_results(ctx, "e2e-compile-split", rows, [], time.perf_counter() - t0)
     return 0
 
 

@@ -24,6 +24,7 @@ try:
 except ImportError:
     sys.path.insert(1, os.path.join(os.path.dirname(HERE), "python"))
 import harness as H  # noqa: E402
+from e2e_compile import prompt as decode_prompt  # noqa: E402
 from e2e_peers import TorchLM  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def profile(quant: str, new_tokens: int, rounds: int):
 
     model = load_smollm2()
     kernswap.patch(model, quant=quant, lm_head=True, progress=False)
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+    prompt = decode_prompt()
     acc = {}
     model.forward = _timed(acc, "forward", model.forward, decode_only=True)
     model.lm_head.forward = _timed(acc, "lm_head", model.lm_head.forward, decode_only=True)

@@ -7,6 +7,7 @@ import gc
 
 import pytest
 import torch
+import torch._dynamo
 
 import kernswap
 from kernswap import _ext
@@ -47,6 +48,14 @@ def count(monkeypatch):
 
     monkeypatch.setattr(dl.DecodeForward, "static_steps", staticmethod(steps))
     return n
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches empty before and after (a compiled test leaves no graph for the next)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _patched(family, quant="int8", **kw):
@@ -137,12 +146,9 @@ def test_mask_is_causal_at():
     assert not f(pad, 3, 8)
 
 
-def test_compiled_fullgraph_same_tokens(count):
+def test_compiled_fullgraph_same_tokens(count, fresh_dynamo):
     """torch.compile(model.forward, fullgraph=True) with a static cache: no graph break, one graph for the decode
     steps, every step through the kernel, the eager path's tokens."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
     model = _patched("llama")
     ref_tokens, ref_logits = _generate(model)
     count["kernel"] = 0
@@ -155,7 +161,6 @@ def test_compiled_fullgraph_same_tokens(count):
     with torch.no_grad():
         more = model.generate(IDS, max_new_tokens=NEW + 5, min_new_tokens=NEW + 5, do_sample=False, pad_token_id=0)
     assert torch.equal(more[:, :tokens.shape[1]], tokens)
-    torch._dynamo.reset()
 
 
 def _counted_hook():
@@ -171,16 +176,13 @@ def _counted_hook():
 
 
 @pytest.mark.parametrize("which", ["the model", "a deep copy"])
-def test_compiled_step_runs_a_layer_hook(which):
+def test_compiled_step_runs_a_layer_hook(which, fresh_dynamo):
     """A forward hook on a decoder layer when torch.compile traces the decode step: the compiled step is the
     model's own forward with the hook in it (called on every step, the eager tokens and logits). The model-level
     hooks are read once when the step is traced, as Dynamo reads a compiled module's own; a deep copy of a patched
     model has its own model-level forward, so compiled it reads the copy's hooks, not the original's (none)."""
     import copy
 
-    import torch._dynamo
-
-    torch._dynamo.reset()
     model = _patched("llama")
     if which == "a deep copy":
         original, model = model, copy.deepcopy(model)
@@ -194,16 +196,12 @@ def test_compiled_step_runs_a_layer_hook(which):
     assert int(calls) == 2 * NEW, "the hook ran on every compiled step"
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
-    torch._dynamo.reset()
 
 
-def test_compiled_step_sees_a_later_hook_when_hooks_are_guarded():
+def test_compiled_step_sees_a_later_hook_when_hooks_are_guarded(fresh_dynamo):
     """With Dynamo's hook guards on (skip_nnmodule_hook_guards=False), the decode path reads the hooks on every
     compiled call: a hook set after the step was compiled runs on every following step (a recompile), with the
     eager tokens and logits."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
     model = _patched("llama")
     calls, hook = _counted_hook()
     eager = model.forward
@@ -218,7 +216,6 @@ def test_compiled_step_sees_a_later_hook_when_hooks_are_guarded():
     assert int(calls) == 2 * NEW and not torch.allclose(ref_logits, plain), "the hook changes the logits"
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=_tol(ref_logits))
-    torch._dynamo.reset()
 
 
 def _op_args(model, b=2, cap=9, pos=4):

@@ -18,7 +18,7 @@ import torch.nn as nn
 from .. import _ext
 from ..backends.cpu import cache_buffer_args, rope_args, weight_args
 from ..ops.decode_layer_step import register_layer
-from ._parts import is_silu
+from ._parts import hook_dicts, is_silu
 from ._state import tensor_key
 from .decode_static import static_steps
 from .fused_linear import QuantLinearSlice
@@ -179,8 +179,7 @@ class _Plan:
         self.tensors = [t for _, keep in ws for t in keep if t is not None] + norms
         parts = _replaced_parts(layer, attn, mlp, self.mods)
         # their hooks (forward, pre-forward, backward): while any is registered the layer takes its modules' path
-        self.hook_dicts = [d for m in parts for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                                                      m._backward_pre_hooks)]
+        self.hook_dicts = [d for m in parts for d in hook_dicts(m)]
         sources = _sources(layer, attn, mlp, self.mods, norm_mods, parts)
         self.dicts, self.keys = tuple(d for d, _ in sources), tuple(k for _, k in sources)
         self.objects = list(map(dict.get, self.dicts, self.keys))
@@ -205,7 +204,6 @@ class _Plan:
         entries of a SmolLM2 layer)."""
         return (all(map(_IS, map(dict.get, self.dicts, self.keys), self.objects))
                 and _attn_impl(self.cfg, impls) == self.impl and _versions(self.weight_objects) == self.state)
-
 
     def step_call(self, src: torch.Tensor, rope: tuple, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int,
                   out: torch.Tensor, nt: int) -> tuple:

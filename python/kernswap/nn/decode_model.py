@@ -3,12 +3,13 @@ transformers' per-call machinery.
 
 A decode step through the model's own forward spends ~1 ms of a 12 ms token (SmolLM2-135M, 2 cores) outside its
 layers: the forward's decorators (kwarg deprecation, config defaults, output capture), the causal-mask builder, and
-``nn.Module.__call__`` plus the gradient-checkpointing wrapper around each of its 30 layers. :class:`DecodeModelForward`,
-installed as the base model instance's ``forward`` next to the layers' :class:`DecodeForward` (patching/decode.py),
-runs such a step as: embedding lookup -> rotary embedding -> each layer's decode forward -> final norm. It takes only
-calls whose result is provably the model's own: token ids of one position per sequence, a dynamic cache, no mask or
-an all-ones one (a decode step then attends every cached position, which is what the model's mask builder says too,
-and within any sliding window), no hooks on the model or its layers (under torch.compile read when the step is
+``nn.Module.__call__`` plus the gradient-checkpointing wrapper around each of its 30 layers.
+:class:`DecodeModelForward`, installed as the base model instance's ``forward`` next to the layers'
+:class:`DecodeForward` (patching/decode.py), runs such a step as: embedding lookup -> rotary embedding -> each
+layer's decode forward -> final norm. It takes only calls whose result is provably the model's own: token ids of one
+position per sequence, a dynamic cache (or a static one: every layer in one kernswap.ops.decode_layer_step), no mask
+or an all-ones one (a decode step then attends every cached position, which is what the model's mask builder says
+too, and within any sliding window), no hooks on the model or its layers (under torch.compile read when the step is
 traced, as Dynamo reads a compiled module's own), no outputs asked beyond the last hidden state.
 Anything else runs the class's forward unchanged.
 """
@@ -59,14 +60,18 @@ def decode_model_ready(model: nn.Module) -> bool:
     return (type(model).__name__ in MODEL_CLASSES and _output_class() is not None and isinstance(layers, nn.ModuleList)
             and len(layers) > 0 and type(emb) is nn.Embedding and isinstance(getattr(model, "norm", None), nn.Module)
             and isinstance(getattr(model, "rotary_emb", None), nn.Module)
-            and all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers))
+            and _layers_decode(layers))
 
 
-def _any_hooked(fwd: "DecodeModelForward") -> bool:
+def _layers_decode(layers) -> bool:
+    """Every layer has its DecodeForward."""
+    return all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers)
+
+
+def _any_hooked(model: nn.Module) -> bool:
     """Whether a hook is set that the step would skip: a global module hook, or one on the base model, its
     embedding (the step looks the ids up with F.embedding) or a decoder layer (the hooks on a layer's parts are its
     plan's to check, per call)."""
-    model = fwd.model
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or hooked(model)
                 or hooked(model.embed_tokens) or any(map(hooked, model.layers)))
 
@@ -83,7 +88,7 @@ _UIDS = itertools.count(1)
 @torch.compiler.assume_constant_result
 def _hooked_when_traced(uid: int) -> bool:
     fwd = _FORWARDS.get(uid)
-    return fwd is None or _any_hooked(fwd)
+    return fwd is None or _any_hooked(fwd.model)
 
 
 @torch.compiler.assume_constant_result
@@ -148,8 +153,8 @@ class DecodeModelForward:
             return None
         layers = model.layers
         hooks = (_hooked_when_traced(self.uid) if torch.compiler.is_compiling() and _hook_guards_skipped()
-                 else _any_hooked(self))
-        if hooks or not all(isinstance(layer.__dict__.get("forward"), DecodeForward) for layer in layers):
+                 else _any_hooked(model))
+        if hooks or not _layers_decode(layers):
             return None
         mask = kwargs.get("attention_mask")
         if type(mask) is dict:  # per layer type (generate's masks for a static cache): all full attention here

@@ -103,13 +103,14 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
     x = x.contiguous()
     # layer i's output: row i of one block; the last layer's its own tensor (the op's result, not a view)
     outs = list(torch.empty(len(fwds) - 1, b, h).unbind(0)) + [torch.empty(b, h)]
+    srcs = [x] + outs[:-1]  # layer i's input
     nt = torch.get_num_threads()
     calls = []  # per layer: (kernel step, its arguments), or None: the layer's modules
     for i, (plan, k, v, n) in enumerate(zip(plans, keys, values, ns)):
         cap = k.shape[2]
         if (plan is not None and plan.h == h and plan.d == d and plan.hkv == k.shape[1] and k.stride(-1) == 1
                 and v.stride(-1) == 1 and mask_is_causal_at(mask, n, cap)):
-            calls.append(plan.step_call(x if i == 0 else outs[i - 1], rope, k, v, n, outs[i], nt))
+            calls.append(plan.step_call(srcs[i], rope, k, v, n, outs[i], nt))
         else:
             calls.append(None)
     for i, call in enumerate(calls):
@@ -117,8 +118,7 @@ def static_steps(fwds, x, cos, sin, keys, values, positions, mask) -> torch.Tens
             call[0](*call[1])
         else:
             with torch.no_grad():
-                outs[i].copy_(_reference(fwds[i].layer, x if i == 0 else outs[i - 1], cos, sin, keys[i], values[i],
-                                         ns[i], mask).view(b, h))
+                outs[i].copy_(_reference(fwds[i].layer, srcs[i], cos, sin, keys[i], values[i], ns[i], mask).view(b, h))
     torch._foreach_add_(positions, 1)
     torch.autograd.graph.increment_version(keys + values)  # (written in place through their pointers)
     return outs[-1]
